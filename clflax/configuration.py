@@ -1,0 +1,72 @@
+"""Config validation: every mistake is reported in one line before any data is read or anything compiles."""
+import os
+
+import jax
+import ml_collections
+
+from clflax.strategies import registry
+
+VISION_TASKS = ('seg', 'det', 'cls')
+OPTIMIZERS = ('adamw', 'adam', 'sgd')
+BACKBONES = tuple(f'b{i}' for i in range(8)) + tuple(f'lite{i}' for i in range(5)) + ('tiny',)
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Joins a multi-process JAX job when `config.distributed.enabled` (arguments auto-detected when unset)."""
+  dist = config.get('distributed')
+  if not dist or not dist.enabled:
+    return
+  kwargs = {}
+  if dist.coordinator_address:
+    kwargs['coordinator_address'] = dist.coordinator_address
+  if dist.num_processes > 0:
+    kwargs['num_processes'] = dist.num_processes
+  if dist.process_id >= 0:
+    kwargs['process_id'] = dist.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def _require(condition, message):
+  if not condition:
+    raise ValueError(f'invalid config: {message}')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
+  """Raises ValueError naming the first invalid field of `config`."""
+  tasks = tuple(config.tasks)
+  _require(len(tasks) > 0, 'config.tasks is empty')
+  _require(len(set(tasks)) == len(tasks), f'config.tasks has duplicates: {tasks}')
+  for task in tasks:
+    _require(task in VISION_TASKS, f'unknown task {task!r} in config.tasks; known: {", ".join(VISION_TASKS)}')
+    _require(task in config.train.epochs, f'config.train.epochs has no entry for task {task!r}')
+    _require(config.train.epochs[task] >= 0, f'config.train.epochs.{task} must be >= 0')
+    _require(task in config.train.loss_weights, f'config.train.loss_weights has no entry for task {task!r}')
+  if config.data_dir:
+    _require(os.path.isdir(os.path.expanduser(config.data_dir)),
+             f'config.data_dir={config.data_dir!r} is not a directory')
+  _require(config.model.backbone in BACKBONES,
+           f'unknown backbone {config.model.backbone!r}; known: {", ".join(BACKBONES)}')
+  pretrained = config.model.pretrained
+  if pretrained not in ('', 'default'):
+    _require(os.path.isfile(os.path.expanduser(pretrained)), f'config.model.pretrained={pretrained!r}: no such file')
+  _require(config.model.image_size >= 32 and config.model.image_size % 32 == 0,
+           f'config.model.image_size={config.model.image_size} must be a positive multiple of 32')
+  _require(config.model.depthwise in ('auto', 'shifted', 'xla'),
+           f"config.model.depthwise={config.model.depthwise!r}; expected 'auto', 'shifted' or 'xla'")
+  train = config.train
+  for name in ('batch_size', 'eval_batch_size'):
+    value = train[name]
+    _require(value > 0, f'config.train.{name}={value} must be > 0')
+    _require(value % num_devices == 0,
+             f'config.train.{name}={value} is not divisible by the {num_devices} devices in use')
+  _require(train.optimizer in OPTIMIZERS, f'unknown optimizer {train.optimizer!r}; known: {", ".join(OPTIMIZERS)}')
+  _require(train.learning_rate > 0, f'config.train.learning_rate={train.learning_rate} must be > 0')
+  for name in ('weight_decay', 'warmup_steps', 'clip_norm', 'label_smoothing', 'steps_per_epoch',
+               'balance_finetune_steps', 'dice_weight', 'size_weight', 'offset_weight'):
+    _require(train[name] >= 0, f'config.train.{name}={train[name]} must be >= 0')
+  _require(train.label_smoothing < 1, 'config.train.label_smoothing must be < 1')
+  _require(train.restart_epochs > 0, 'config.train.restart_epochs must be > 0')
+  _require(train.early_stopping_patience > 0, 'config.train.early_stopping_patience must be > 0')
+  _require(train.checkpoint_every_steps > 0, 'config.train.checkpoint_every_steps must be > 0')
+  _require(config.data.max_boxes > 0, 'config.data.max_boxes must be > 0')
+  registry.validate(config.strategy)

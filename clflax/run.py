@@ -1,0 +1,34 @@
+"""The command-line entry behind launch.py: validate, pick the workdir, train; user errors in one line."""
+import logging
+import sys
+
+import jax
+import ml_collections
+
+from clflax import configuration
+from clflax import workdirs
+
+# Errors caused by the user's config, data or files: shown as one line unless --debug.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False, debug: bool = False) -> int:
+  """Runs `config` in `workdir`; returns the process exit code."""
+  logging.getLogger('absl').setLevel(logging.INFO)
+  try:
+    configuration.maybe_initialize_distributed(config)
+    configuration.validate(config, num_devices=jax.device_count())
+    workdir = workdirs.prepare(workdir, config, fresh=fresh)
+    from clflax import train  # Heavy imports only once the config is known to be valid.
+    train.train_and_evaluate(config, workdir)
+  except FloatingPointError as e:  # The NaN guard: the last good checkpoint stays intact.
+    if debug:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    return 3
+  except USER_ERRORS as e:
+    if debug:
+      raise
+    print(f'error: {e}  (rerun with --debug for a traceback)', file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,70 @@
+"""Workdir safety: a workdir belongs to one config; a different config never resumes or overwrites it."""
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = 'config.json'
+
+
+def flatten(config: ml_collections.ConfigDict | dict) -> dict:
+  """Dotted-key view of a config, JSON-normalised (tuples become lists) so saved and live configs compare."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  flat = {}
+
+  def visit(prefix, node):
+    if isinstance(node, dict):
+      for key, value in node.items():
+        visit(f'{prefix}.{key}' if prefix else str(key), value)
+    else:
+      flat[prefix] = node
+
+  visit('', json.loads(json.dumps(tree)))
+  return flat
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only)."""
+  missing = object()
+  lines = []
+  for key in sorted(set(saved) | set(current)):
+    old, new = saved.get(key, missing), current.get(key, missing)
+    if old != new:
+      show = lambda v: '(absent)' if v is missing else repr(v)  # noqa: E731
+      lines.append(f'{key}: {show(old)} -> {show(new)}')
+  return lines
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False) -> str:
+  """Returns the workdir to use, recording the config there; refuses a workdir that holds a different run.
+
+  With `fresh=True` a conflicting workdir is left untouched and the run starts in the first free `run_<n>` subfolder.
+  """
+  current = flatten(config)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = flatten(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f'{path} is unreadable ({e}); use another --workdir') from e
+    differences = config_diff(saved, current)
+    if differences:
+      if not fresh:
+        raise ValueError(
+            f'workdir {workdir} holds a run with a different config ({"; ".join(differences)}); '
+            'use another --workdir, or --fresh to start in a new subfolder')
+      index = 1
+      while True:  # The first run_<n> that holds this same config (resume it) or nothing yet (start it).
+        candidate = os.path.join(workdir, f'run_{index}')
+        try:
+          return prepare(candidate, config)
+        except ValueError:
+          index += 1
+    return workdir
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+  return workdir

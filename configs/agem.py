@@ -1,0 +1,14 @@
+r"""A-GEM: the gradient is projected so that the loss on earlier tasks' episodic memories does not increase.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/agem.py --workdir runs/agem
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/agem.py:smoke --workdir runs/agem_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('agem',)
+  return config

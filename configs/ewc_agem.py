@@ -1,0 +1,14 @@
+r"""A composition: EWC's penalty plus A-GEM's projection, chained in one optax transform.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/ewc_agem.py --workdir runs/ewc_agem
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/ewc_agem.py:smoke --workdir runs/ewc_agem_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('ewc', 'agem')
+  return config

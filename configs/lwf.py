@@ -1,0 +1,14 @@
+r"""Learning without Forgetting: distil the previous model's outputs of earlier heads on the current images.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/lwf.py --workdir runs/lwf
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/lwf.py:smoke --workdir runs/lwf_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('lwf',)
+  return config

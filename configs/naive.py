@@ -1,0 +1,14 @@
+r"""Naive fine-tuning (lower bound): no strategy; later stages overwrite earlier skills.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/naive.py --workdir runs/naive
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/naive.py:smoke --workdir runs/naive_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('naive',)
+  return config

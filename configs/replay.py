@@ -1,0 +1,14 @@
+r"""Experience replay: each step adds a memory batch of every earlier task to the loss, through its own head.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/replay.py --workdir runs/replay
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/replay.py:smoke --workdir runs/replay_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('replay',)
+  return config

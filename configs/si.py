@@ -1,0 +1,14 @@
+r"""Synaptic Intelligence: path-integral importance accumulated during training, quadratic penalty.
+
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/si.py --workdir runs/si
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/si.py:smoke --workdir runs/si_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('si',)
+  return config

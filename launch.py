@@ -1,0 +1,40 @@
+r"""Runs a clflax experiment: `python launch.py --config configs/agem.py --workdir runs/agem`.
+
+Flags: --config configs/x.py[:arg] (ml_collections config file; override any field with --config.a.b=value),
+--workdir (results, checkpoints and TensorBoard events; rerunning the same command resumes), --fresh (start over in
+a new subfolder when the workdir holds a different run), --debug (show Python tracebacks for user errors).
+"""
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/agem.py[:smoke].')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results and logs.')
+_FRESH = flags.DEFINE_bool('fresh', False, 'If the workdir holds a different run, start in a new subfolder.')
+_DEBUG = flags.DEFINE_bool('debug', False, 'Show full tracebacks instead of one-line errors.')
+
+
+def _parse_flags(argv):
+  """absl parsing, with config override mistakes reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    if '--debug' in argv:
+      raise
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    sys.exit(f'error: bad flag: {message}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('both --config and --workdir are required')
+  from clflax import run  # Deferred: JAX starts only after the flags are valid.
+  sys.exit(run.main(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, debug=_DEBUG.value))
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,28 @@
+"""Shared test setup: fast compiles on 2-core CPUs and the real-data location."""
+import os
+import pathlib
+
+# Must be set before JAX initialises its backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Test models are tiny: XLA's heavy optimisation passes cost more than they save.
+jax.config.update("jax_disable_most_optimizations", True)
+jax.config.update("jax_compilation_cache_dir", str(_REPO / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Real data shipped beside the checkout (never by the package); tests skip without it.
+SHARED_DATA = pathlib.Path(os.environ.get("CLFLAX_SHARED_DATA", _REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """Path of ../shared/data; skips the test when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"real data not found at {SHARED_DATA} (set CLFLAX_SHARED_DATA)")
+  return SHARED_DATA

@@ -1,0 +1,45 @@
+"""Workdir safety: a workdir holding a different config is never resumed or overwritten."""
+import json
+import os
+
+import ml_collections
+import pytest
+
+from clflax import workdirs
+
+
+def _config(lr=1e-3, names=('agem',)):
+  config = ml_collections.ConfigDict()
+  config.train = ml_collections.ConfigDict(dict(learning_rate=lr, epochs=dict(seg=2)))
+  config.strategy = ml_collections.ConfigDict(dict(names=names))
+  return config
+
+
+def test_same_config_resumes_in_place(tmp_path):
+  first = workdirs.prepare(str(tmp_path), _config())
+  second = workdirs.prepare(str(tmp_path), _config())
+  assert first == second == str(tmp_path)
+  with open(tmp_path / workdirs.CONFIG_FILE) as f:
+    assert json.load(f)['strategy']['names'] == ['agem']
+
+
+def test_different_config_is_refused_with_the_differing_keys(tmp_path):
+  workdirs.prepare(str(tmp_path), _config())
+  saved = (tmp_path / workdirs.CONFIG_FILE).read_text()
+  with pytest.raises(ValueError) as info:
+    workdirs.prepare(str(tmp_path), _config(lr=0.1, names=('ewc',)))
+  message = str(info.value)
+  assert 'train.learning_rate: 0.001 -> 0.1' in message
+  assert "strategy.names: ['agem'] -> ['ewc']" in message
+  assert 'train.epochs.seg' not in message  # Equal keys are not listed.
+  assert (tmp_path / workdirs.CONFIG_FILE).read_text() == saved  # Nothing overwritten.
+
+
+def test_fresh_starts_in_a_new_subfolder(tmp_path):
+  workdirs.prepare(str(tmp_path), _config())
+  new = workdirs.prepare(str(tmp_path), _config(lr=0.1), fresh=True)
+  assert new == os.path.join(str(tmp_path), 'run_1')
+  newer = workdirs.prepare(str(tmp_path), _config(lr=0.2), fresh=True)
+  assert newer == os.path.join(str(tmp_path), 'run_2')
+  # The same changed config again resumes its own subfolder instead of making a third.
+  assert workdirs.prepare(str(tmp_path), _config(lr=0.1), fresh=True) == new
