@@ -1,0 +1,64 @@
+"""Averaged Gradient Episodic Memory (Chaudhry et al. 2019).
+
+If the task gradient g would increase the average loss on the episodic memory
+(<g, r> < 0 for the memory's reference gradient r), project it onto the
+half-space where it does not: g - (<g, r> / <r, r>) r. The inner products run
+over ALL parameters as one flat vector, never leaf by leaf.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+
+
+def _vdot(a: PyTree, b: PyTree) -> jax.Array:
+  """Inner product of two pytrees as flat float32 vectors."""
+  terms = jax.tree.map(
+      lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
+  return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
+
+
+def project(grads: PyTree, ref_grads: PyTree) -> PyTree:
+  """A-GEM projection of grads against ref_grads (same structure).
+
+  Returns grads unchanged when <g, r> >= 0 or r = 0 (e.g. an empty memory);
+  float32 subnormal r (flushed to zero by XLA on CPU) counts as r = 0.
+  """
+  if jax.tree.structure(grads) != jax.tree.structure(ref_grads):
+    raise ValueError('ref_grads must have the same tree structure as grads: '
+                     f'{jax.tree.structure(ref_grads)} vs '
+                     f'{jax.tree.structure(grads)}')
+  # The projection only depends on r's direction: rescale r by its largest
+  # entry so that <r, r> cannot underflow for tiny (but normal) gradients.
+  top = jnp.max(jnp.stack([jnp.max(jnp.abs(r)).astype(jnp.float32)
+                           for r in jax.tree.leaves(ref_grads)]))
+  scale = 1.0 / jnp.where(top > 0, top, 1.0)
+  ref = jax.tree.map(lambda r: r.astype(jnp.float32) * scale, ref_grads)
+  dot = _vdot(grads, ref)
+  ref_sq = _vdot(ref, ref)
+  conflict = (dot < 0) & (ref_sq > 0)
+  coef = jnp.where(conflict, dot / jnp.where(ref_sq > 0, ref_sq, 1.0), 0.0)
+  return jax.tree.map(lambda g, r: (g - coef * r).astype(g.dtype), grads, ref)
+
+
+def agem() -> optax.GradientTransformationExtraArgs:
+  """Transform projecting the incoming updates with the `ref_grads` extra arg.
+
+  `update(updates, state, params=None, *, ref_grads=None, **extra)`;
+  ref_grads=None is the identity. Place it after the penalty transforms and
+  before clipping / the base optimizer, on raw (unscaled) gradients.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None, *, ref_grads=None, **extra):
+    del params, extra  # Other extra args belong to other transforms.
+    if ref_grads is None:
+      return updates, state
+    return project(updates, ref_grads), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
