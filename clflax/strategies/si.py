@@ -1,0 +1,86 @@
+"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017).
+
+During a task, each parameter's contribution to the drop in loss is integrated
+along the optimisation path, omega += -g_t * (theta_{t+1} - theta_t), with g_t
+the raw task gradient. At task end `consolidate` turns it into an importance
+omega / (delta^2 + damping), delta = total move over the task.
+
+The transform sees the raw gradient only if it comes FIRST in the chain (the
+registry puts it there). It never sees theta_{t+1}, so it keeps (theta_t, g_t)
+and books step t at the next call, when params = theta_{t+1}; `consolidate`
+books the last step from the final params, so no step is lost.
+
+Penalty: 0.5 * strength * sum(importance * (theta - anchor)^2), i.e. strength
+is 2c for the paper's c * sum(Omega * (theta - theta*)^2).
+"""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clflax.strategies import _quadratic
+
+PyTree = Any
+
+
+class SiState(NamedTuple):
+  importance: PyTree   # Omega, accumulated over consolidated tasks.
+  anchor: PyTree       # Parameters at the last consolidation (task start).
+  omega: PyTree        # Path integral of the current task so far.
+  prev_params: PyTree  # theta_t of the last update call.
+  prev_grads: PyTree   # Raw gradient g_t of the last update call.
+  damping: jax.Array   # xi in omega / (delta^2 + xi); kept for consolidate.
+
+
+def _book_last_step(state: SiState, params: PyTree) -> PyTree:
+  """omega - g_t * (params - theta_t): adds the step that led to params."""
+  return jax.tree.map(lambda w, g, p, q: w - g * (p - q).astype(w.dtype),
+                      state.omega, state.prev_grads, params, state.prev_params)
+
+
+def si(strength: float, damping: float = 0.1
+       ) -> optax.GradientTransformationExtraArgs:
+  """SI as an optax transform; put it first in the chain (raw gradients)."""
+  _quadratic.check_strength('si', strength)
+  if not damping > 0:
+    raise ValueError(f'si: damping must be > 0, got {damping}')
+
+  def init_fn(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return SiState(importance=zeros, anchor=params, omega=zeros,
+                   prev_params=params, prev_grads=zeros,
+                   damping=jnp.asarray(damping, jnp.float32))
+
+  def update_fn(updates, state, params=None, **extra):
+    del extra
+    params = _quadratic.require_params('si', params)
+    grads = jax.tree.map(lambda g, z: g.astype(z.dtype), updates,
+                         state.prev_grads)  # Keep the state's dtypes stable.
+    state = state._replace(omega=_book_last_step(state, params),
+                           prev_params=params, prev_grads=grads)
+    updates = _quadratic.add_penalty_grad(updates, params, state.anchor,
+                                          state.importance, strength)
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def penalty(params: PyTree, anchor: PyTree, importance: PyTree) -> jax.Array:
+  """0.5 * sum(importance * (params - anchor)^2)."""
+  return _quadratic.penalty(params, anchor, importance)
+
+
+def consolidate(state: SiState, params: PyTree) -> SiState:
+  """importance += omega / ((params - anchor)^2 + damping); re-anchor; reset.
+
+  `params` are the parameters at the end of the task (after the last update).
+  """
+  omega = _book_last_step(state, params)
+  importance = jax.tree.map(
+      lambda i, w, p, a: i + w / (jnp.square(p - a).astype(w.dtype)
+                                  + state.damping.astype(w.dtype)),
+      state.importance, omega, params, state.anchor)
+  zeros = jax.tree.map(jnp.zeros_like, omega)
+  return SiState(importance=importance, anchor=params, omega=zeros,
+                 prev_params=params, prev_grads=zeros, damping=state.damping)
