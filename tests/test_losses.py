@@ -1,10 +1,17 @@
 """Losses against NumPy references written from the formulas, and closed forms on tiny cases."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from clflax import losses
+
+
+def _jit(fn, **static):
+  """One compile per call site: much faster than eager op-by-op dispatch on the shared 2-core CPU."""
+  return jax.jit(functools.partial(fn, **static))
 
 
 def _np_log_softmax(x):
@@ -36,7 +43,7 @@ def test_cross_entropy_segmentation_matches_numpy(smoothing):
   labels = rng.integers(0, 6, size=(3, 4, 5))
   labels[rng.random(labels.shape) < 0.3] = 255
   valid = np.array([1.0, 0.0, 1.0])  # the middle image is padding
-  got = losses.cross_entropy(logits, labels, smoothing, ignore_index=255, weights=valid)
+  got = _jit(losses.cross_entropy, label_smoothing=smoothing, ignore_index=255)(logits, labels, weights=valid)
   want = _np_cross_entropy(logits, labels, smoothing, 255, valid)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -51,14 +58,14 @@ def test_cross_entropy_classification_weights_and_jit():
                              _np_cross_entropy(logits, labels, 0.2, None, weights), rtol=1e-5)
   # Unweighted: plain mean of -log softmax at the label.
   want = -np.mean(_np_log_softmax(logits.astype(np.float64))[np.arange(7), labels])
-  np.testing.assert_allclose(losses.cross_entropy(logits, labels), want, rtol=1e-5)
+  np.testing.assert_allclose(_jit(losses.cross_entropy)(logits, labels), want, rtol=1e-5)
 
 
 def test_cross_entropy_empty_mask_is_zero_not_nan():
   logits = jnp.zeros((2, 2, 2, 3))
   labels = jnp.full((2, 2, 2), 255)
-  assert float(losses.cross_entropy(logits, labels, ignore_index=255)) == 0.0
-  assert float(losses.cross_entropy(jnp.zeros((2, 3)), jnp.array([0, 1]), weights=jnp.zeros(2))) == 0.0
+  assert float(_jit(losses.cross_entropy, ignore_index=255)(logits, labels)) == 0.0
+  assert float(_jit(losses.cross_entropy)(jnp.zeros((2, 3)), jnp.array([0, 1]), weights=jnp.zeros(2))) == 0.0
 
 
 def test_cross_entropy_rejects_bad_shapes():
@@ -75,7 +82,7 @@ def test_dice_closed_form_hard_predictions():
   pred = np.array([[[0, 1, 1, 0]]])
   logits = 100.0 * (jax.nn.one_hot(pred, 3) - 0.5)
   # class 0: |P∩Y| = 1, |P| = 1, |Y| = 2 -> 2/3 ; class 1: 1, 2, 1 -> 2/3 ; class 2 absent -> excluded.
-  got = losses.dice_loss(logits, labels, num_classes=3)
+  got = _jit(losses.dice_loss, num_classes=3)(logits, labels)
   np.testing.assert_allclose(got, 1.0 - 2.0 / 3.0, rtol=1e-5)
 
 
@@ -87,22 +94,23 @@ def test_dice_closed_form_uniform_probabilities():
   logits = np.zeros(labels.shape + (c,), np.float32)
   n = 5
   dices = [2 * (k / c) / (n / c + k) for k in (3, 2)]
-  np.testing.assert_allclose(losses.dice_loss(logits, labels, c), 1 - np.mean(dices), rtol=1e-5)
+  dice = _jit(losses.dice_loss, num_classes=c)
+  np.testing.assert_allclose(dice(logits, labels), 1 - np.mean(dices), rtol=1e-5)
   # Weight 0 on the second row removes its pixels entirely: class 1 has one pixel out of four.
   dices = [2 * (k / c) / (4 / c + k) for k in (3, 1)]
-  np.testing.assert_allclose(losses.dice_loss(logits, labels, c, weights=np.array([1.0, 0.0])),
+  np.testing.assert_allclose(dice(logits, labels, weights=np.array([1.0, 0.0])),
                              1 - np.mean(dices), rtol=1e-5)
 
 
 def test_dice_no_present_class_and_segmentation_loss_sum():
   labels = jnp.full((1, 2, 2), 255)
-  assert float(losses.dice_loss(jnp.zeros((1, 2, 2, 3)), labels, 3)) == 0.0
+  assert float(_jit(losses.dice_loss, num_classes=3)(jnp.zeros((1, 2, 2, 3)), labels)) == 0.0
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
   labels = rng.integers(0, 4, size=(2, 3, 3))
-  total = losses.segmentation_loss(logits, labels, num_classes=4, dice_weight=0.5)
+  total = _jit(losses.segmentation_loss, num_classes=4, dice_weight=0.5)(logits, labels)
   want = _np_cross_entropy(logits, labels, 0.0, None, np.ones(2))
-  np.testing.assert_allclose(total - 0.5 * losses.dice_loss(logits, labels, 4), want, rtol=1e-5)
+  np.testing.assert_allclose(total - 0.5 * _jit(losses.dice_loss, num_classes=4)(logits, labels), want, rtol=1e-5)
 
 
 def _np_focal(logits, target, alpha, beta, weights):
@@ -120,22 +128,23 @@ def test_focal_heatmap_loss_matches_numpy_formula():
   target = rng.random((2, 4, 5, 3)).astype(np.float32) * 0.9
   target[0, 1, 2, 0] = target[1, 3, 4, 2] = target[1, 0, 0, 1] = 1.0
   weights = np.array([1.0, 1.0])
-  np.testing.assert_allclose(losses.focal_heatmap_loss(logits, target), _np_focal(logits, target, 2, 4, weights),
-                             rtol=1e-5)
+  np.testing.assert_allclose(_jit(losses.focal_heatmap_loss)(logits, target),
+                             _np_focal(logits, target, 2, 4, weights), rtol=1e-5)
   weights = np.array([0.0, 1.0])
-  np.testing.assert_allclose(losses.focal_heatmap_loss(logits, target, alpha=1.5, beta=3, weights=weights),
+  np.testing.assert_allclose(_jit(losses.focal_heatmap_loss, alpha=1.5, beta=3)(logits, target, weights=weights),
                              _np_focal(logits, target, 1.5, 3, weights), rtol=1e-5)
 
 
 def test_focal_heatmap_loss_is_stable_for_saturated_logits():
   logits = jnp.array([[[[-200.0, 200.0]]]])
   target = jnp.array([[[[1.0, 0.0]]]])  # confidently wrong on both: a finite, large loss
-  value, grad = jax.value_and_grad(losses.focal_heatmap_loss)(logits, target)
+  value, grad = jax.jit(jax.value_and_grad(losses.focal_heatmap_loss))(logits, target)
   assert np.isfinite(value) and np.all(np.isfinite(grad))
   np.testing.assert_allclose(value, 400.0, rtol=1e-5)  # 200 (positive) + 200 (negative), one centre
   # Confidently right: loss ~ 0; no centres at all: normalised by 1.
-  assert float(losses.focal_heatmap_loss(-logits, target)) < 1e-30
-  np.testing.assert_allclose(losses.focal_heatmap_loss(jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1))),
+  focal = _jit(losses.focal_heatmap_loss)
+  assert float(focal(-logits, target)) < 1e-30
+  np.testing.assert_allclose(focal(jnp.zeros((1, 1, 1, 1)), jnp.zeros((1, 1, 1, 1))),
                              0.25 * np.log(2), rtol=1e-6)
 
 
@@ -160,7 +169,7 @@ def test_centernet_loss_gathers_at_index_and_masks_boxes():
   np.testing.assert_allclose(parts["heatmap"], _np_focal(det_out["heatmap"], heat, 2, 4, np.ones(b)), rtol=1e-5)
   np.testing.assert_allclose(total, parts["heatmap"] + 0.1 * parts["size"] + parts["offset"], rtol=1e-6)
   # Weight 0 on image 1 keeps only image 0's single box.
-  _, parts = losses.centernet_loss(det_out, targets, weights=np.array([1.0, 0.0]))
+  _, parts = jax.jit(losses.centernet_loss)(det_out, targets, weights=np.array([1.0, 0.0]))
   np.testing.assert_allclose(parts["size"], np.abs(det_out["size"][0, 1, 2] - targets["size"][0, 0]).mean(),
                              rtol=1e-5)
 

@@ -1,0 +1,477 @@
+"""Run reports: results.json (the DESIGN.md results contract), summary.md (seed-style tables) and PNG plots.
+
+Task and metric names are data: tables come from `results["stages"]`, the matrices in `results["metrics"]` and a
+task -> headline metric mapping (`results["task_metrics"]`, else `DEFAULT_TASK_METRICS`, else 'acc'), so the
+3-stage VOC/COCO/Imagenette run and 17-task MNIST protocols share this code. Matrices are in percent.
+Plots draw on `matplotlib.figure.Figure` directly (Agg canvas): no pyplot global state, no display needed.
+"""
+import json
+import math
+import numbers
+import os
+import tempfile
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+DEFAULT_TASK_METRICS = {"seg": "miou", "det": "map", "cls": "top1"}
+DEFAULT_TASK_TITLES = {"seg": "VOC segmentation", "det": "COCO detection", "cls": "Imagenette classification"}
+METRIC_LABELS = {"miou": "mIoU", "map": "mAP", "ap50": "AP50", "ap75": "AP75", "top1": "Top-1", "top5": "Top-5",
+                 "acc": "Accuracy", "pixel_acc": "Pixel accuracy", "image_map": "Image-level mAP",
+                 "headline": "Headline"}
+SUMMARY_KEYS = ("acc", "bwt", "forgetting")
+CRITERION_KEYS = ("baseline", "final", "drop", "passed")
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _is_number(x, allow_none=True) -> bool:
+  if x is None:
+    return allow_none
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _check_vector(values, length: int, where: str) -> None:
+  if isinstance(values, (str, bytes)) or not isinstance(values, (Sequence, np.ndarray)):
+    raise ValueError(f"{where} must be a list, got {type(values).__name__}")
+  if len(values) != length:
+    raise ValueError(f"{where} has {len(values)} entries, expected {length} (one per stage)")
+  for k, v in enumerate(values):
+    if not _is_number(v):
+      raise ValueError(f"{where}[{k}] is not a number: {v!r}")
+
+
+def validate_results(d: Any) -> None:
+  """Raises ValueError naming the first missing or malformed key of a results dict; returns None if valid."""
+  if not isinstance(d, Mapping):
+    raise ValueError(f"results must be a dict, got {type(d).__name__}")
+  for key in ("config", "stages", "metrics", "summary", "criterion", "params", "timing"):
+    if key not in d:
+      raise ValueError(f"results lack the key '{key}'")
+  for key in ("config", "metrics", "summary", "criterion", "timing"):
+    if not isinstance(d[key], Mapping):
+      raise ValueError(f"results['{key}'] must be a dict, got {type(d[key]).__name__}")
+  stages = d["stages"]
+  if (isinstance(stages, str) or not isinstance(stages, Sequence) or not stages
+      or not all(isinstance(s, str) and s for s in stages) or len(set(stages)) != len(stages)):
+    raise ValueError(f"results['stages'] must be a non-empty list of distinct task names, got {stages!r}")
+  t = len(stages)
+  if not d["metrics"]:
+    raise ValueError("results['metrics'] is empty")
+  for name, matrix in d["metrics"].items():
+    if isinstance(matrix, (str, bytes)) or not isinstance(matrix, (Sequence, np.ndarray)) or len(matrix) != t:
+      raise ValueError(f"results['metrics']['{name}'] must be a {t} x {t} matrix (rows = stages)")
+    for i, row in enumerate(matrix):
+      _check_vector(row, t, f"results['metrics']['{name}'][{i}]")
+  for name, s in _per_metric_summary(d["summary"]).items():
+    if not isinstance(s, Mapping):
+      raise ValueError(f"results['summary']['{name}'] must be a dict with {SUMMARY_KEYS}")
+    for key in SUMMARY_KEYS:
+      if key not in s or not _is_number(s[key]):
+        raise ValueError(f"results['summary']['{name}'] lacks a number for '{key}'")
+  for task, entry in d["criterion"].items():
+    if task not in stages:
+      raise ValueError(f"results['criterion'] names '{task}', which is not a stage of {list(stages)}")
+    if not isinstance(entry, Mapping) or any(k not in entry for k in CRITERION_KEYS):
+      raise ValueError(f"results['criterion']['{task}'] must hold {CRITERION_KEYS}")
+    if not isinstance(entry["passed"], (bool, np.bool_)):
+      raise ValueError(f"results['criterion']['{task}']['passed'] must be a bool")
+  if not isinstance(d["params"], numbers.Integral) or isinstance(d["params"], bool) or d["params"] < 0:
+    raise ValueError(f"results['params'] must be a non-negative int, got {d['params']!r}")
+  if "stage_seconds" in d["timing"]:
+    _check_vector(d["timing"]["stage_seconds"], t, "results['timing']['stage_seconds']")
+  if "stage_titles" in d:
+    titles = d["stage_titles"]
+    if isinstance(titles, str) or len(titles) != t or not all(isinstance(x, str) for x in titles):
+      raise ValueError(f"results['stage_titles'] must hold {t} strings, got {titles!r}")
+  baseline = d.get("baseline", {})
+  if not isinstance(baseline, Mapping):
+    raise ValueError("results['baseline'] must be a dict: {metric: [score per task]} or {task: {metric: score}}")
+  for key, values in baseline.items():
+    if isinstance(values, Mapping):  # {task: {metric: score}}
+      if key not in stages:
+        raise ValueError(f"results['baseline'] names '{key}', which is not a stage of {list(stages)}")
+      for metric, v in values.items():
+        if not _is_number(v):
+          raise ValueError(f"results['baseline']['{key}']['{metric}'] is not a number: {v!r}")
+    else:
+      _check_vector(values, t, f"results['baseline']['{key}']")
+  for task in stages:
+    task_metric(d, task)  # every task needs a headline metric
+
+
+def _baseline_row(results: Mapping[str, Any], metric: str) -> Optional[list]:
+  """The untrained scores of `metric` per task, from either baseline layout; None when absent."""
+  baseline, stages = results.get("baseline") or {}, results["stages"]
+  if metric in baseline and not isinstance(baseline[metric], Mapping):
+    return list(baseline[metric])
+  if any(isinstance(baseline.get(s), Mapping) and metric in baseline[s] for s in stages):
+    return [baseline[s].get(metric) if isinstance(baseline.get(s), Mapping) else None for s in stages]
+  return None
+
+
+def _per_metric_summary(summary: Mapping[str, Any]) -> Mapping[str, Any]:
+  """{metric: continual_summary}; a single flat continual_summary (numbers at the top) becomes {'headline': it}."""
+  if any(_is_number(summary.get(k), allow_none=False) for k in SUMMARY_KEYS):
+    return {"headline": summary}
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _jsonable(x):
+  """NumPy / tuples -> JSON types; NaN and inf -> null (strict JSON has no NaN)."""
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.ndarray) or (hasattr(x, "__array__") and not isinstance(x, numbers.Number)):
+    return _jsonable(np.asarray(x).tolist())  # also jax arrays
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, numbers.Integral):
+    return int(x)
+  if isinstance(x, numbers.Real):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
+def _write_atomically(path: str, text: str) -> str:
+  """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def write_results(workdir: str, results: Mapping[str, Any]) -> str:
+  """Validates `results` and writes workdir/results.json atomically; returns its path."""
+  validate_results(results)
+  try:
+    text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
+  except TypeError as e:
+    raise ValueError(f"results hold a value JSON cannot store: {e}") from None
+  return _write_atomically(os.path.join(workdir, "results.json"), text + "\n")
+
+
+def write_summary(workdir: str, results: Mapping[str, Any]) -> str:
+  """Writes workdir/summary.md (see `render_summary`) atomically; returns its path."""
+  return _write_atomically(os.path.join(workdir, "summary.md"), render_summary(results))
+
+
+# ------------------------------------------------------------------------------------------------ summary.md
+
+
+def task_metric(results: Mapping[str, Any], task: str) -> str:
+  """`task`'s headline metric: results['task_metrics'] (or 'headline_metrics'), DEFAULT_TASK_METRICS, 'acc',
+  or the only metric there is."""
+  metrics = results["metrics"]
+  explicit = results.get("task_metrics") or results.get("headline_metrics") or {}
+  for candidate in (explicit.get(task), DEFAULT_TASK_METRICS.get(task), "acc"):
+    if candidate in metrics:
+      return candidate
+  if len(metrics) == 1:
+    return next(iter(metrics))
+  raise ValueError(f"no headline metric for task '{task}': add results['task_metrics']['{task}'] "
+                   f"(one of {sorted(metrics)})")
+
+
+def metric_label(metric: str) -> str:
+  return METRIC_LABELS.get(metric, metric)
+
+
+def stage_titles(results: Mapping[str, Any]) -> list:
+  titles = results.get("stage_titles") or [DEFAULT_TASK_TITLES.get(s, s) for s in results["stages"]]
+  return [f"Stage {i + 1}: {title}" for i, title in enumerate(titles)]
+
+
+def _fmt(x, digits=1, signed=False) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "n/a"
+  x = round(float(x), digits) + 0.0  # no "-0.0"
+  text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+  return text.replace("-", "−")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list:
+  """Markdown table; `align` holds 'l' or 'r' per column."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+  return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _tolerance(results: Mapping[str, Any]) -> float:
+  config = results["config"]
+  for value in (results.get("criterion_tolerance"), config.get("eval.criterion_tolerance"),
+                config.get("eval", {}).get("criterion_tolerance") if isinstance(config.get("eval"), Mapping)
+                else None):
+    if value is not None:
+      return float(value)
+  return 5.0
+
+
+class _View(NamedTuple):
+  """What every summary section needs, computed once."""
+  stages: list
+  titles: list  # "Stage k: <title>"
+  names: list  # headline metric of each task
+  r: np.ndarray  # [T, T] headline scores: column j in task j's metric
+  tol: float
+  headline: str  # label of the headline matrix
+
+
+def _view(results: Mapping[str, Any]) -> _View:
+  stages = list(results["stages"])
+  names = [task_metric(results, task) for task in stages]
+  r = np.stack([np.asarray(results["metrics"][m], np.float64)[:, j] for j, m in enumerate(names)], axis=1)
+  labels = list(dict.fromkeys(metric_label(m) for m in names))
+  headline = labels[0] if len(labels) == 1 else "Headline (" + ", ".join(labels) + ")"
+  return _View(stages, stage_titles(results), names, r, _tolerance(results), headline)
+
+
+def _failed(results, v: _View) -> list:
+  return [s for s in v.stages if s in results["criterion"] and not results["criterion"][s]["passed"]]
+
+
+def _progression(results, v: _View) -> list:
+  t, distinct = len(v.stages), len(set(v.names)) == len(v.names)
+  columns = [f"{metric_label(m)} (%)" if distinct else f"{s} (%)" for s, m in zip(v.stages, v.names)]
+  out = ["## Stage-wise progression", ""]
+  if not distinct:
+    out += [f"Columns: {v.headline} (%) of each task.", ""]
+  rows = []
+  for i in range(t):
+    cells = [_fmt(v.r[i, j]) if j <= i else _fmt(0.0) for j in range(t)]  # not yet learned -> 0
+    dropped = [f"{v.stages[j]} {_fmt(v.r[i, j] - v.r[j, j], signed=True)}" for j in range(i)
+               if v.r[i, j] < v.r[j, j] - v.tol]  # False for NaN
+    rows.append([v.titles[i]] + cells
+                + [f"learned {v.stages[i]}" + (f"; below target: {', '.join(dropped)}" if dropped else "")])
+  failed = _failed(results, v)
+  verdict = "**FAILED** (forgot " + ", ".join(failed) + ")" if failed else "**PASSED** (all tasks kept)"
+  rows.append(["**Final**"] + [_fmt(x) for x in v.r[-1]] + [verdict])
+  return out + _table(["Stage"] + columns + ["Status"], rows, "l" + "r" * t + "l") + [""]
+
+
+def _criterion(results, v: _View) -> list:
+  criterion, rows = results["criterion"], []
+  for s, m in zip(v.stages, v.names):
+    if s in criterion:
+      c = criterion[s]
+      target = None if c["baseline"] is None else c["baseline"] - v.tol
+      change = None if c["drop"] is None else -c["drop"]
+      rows.append([s, metric_label(m), _fmt(c["baseline"]), f"≥ {_fmt(target)}", _fmt(c["final"]),
+                   _fmt(change, signed=True), "passed" if c["passed"] else "**failed**"])
+  failed = _failed(results, v)
+  verdict = (f"**Verdict: {'FAILED' if failed else 'PASSED'}** — {len(rows) - len(failed)}/{len(rows)} tasks "
+             f"within {v.tol:g} points of their own-stage baseline" + (f"; failed: {', '.join(failed)}." if failed
+                                                                         else "."))
+  return ([f"## Forgetting criterion (final ≥ own-stage baseline − {v.tol:g} points)", ""]
+          + _table(["Task", "Metric", "Baseline (%)", "Target (%)", "Achieved (%)", "Change (points)", "Result"],
+                   rows, "llrrrrl") + ["", verdict, ""])
+
+
+def _continual(results, v: _View) -> list:
+  rows = [[f"{v.headline if m == 'headline' else metric_label(m)} (%)", _fmt(s["acc"]), _fmt(s["bwt"], signed=True),
+           _fmt(s.get("fwt"), signed=True), _fmt(s["forgetting"])]
+          for m, s in _per_metric_summary(results["summary"]).items()]
+  return (["## Continual summary", "",
+           "ACC: mean final score; BWT: mean (final − own-stage score); FWT: mean (score just before a task's "
+           "stage − untrained baseline); forgetting: mean drop from the best earlier score. In points.", ""]
+          + _table(["Metric", "ACC", "BWT", "FWT", "Forgetting"], rows, "lrrrr") + [""])
+
+
+def _matrices(results, v: _View) -> list:
+  t = len(v.stages)
+  base = [(_baseline_row(results, m) or [None] * t)[j] for j, m in enumerate(v.names)]
+  tables = [(v.headline, v.r, base, ())]
+  tables += [(metric_label(m), np.asarray(x, np.float64), _baseline_row(results, m), m)
+             for m, x in results["metrics"].items()]
+  out = ["## Score matrices", "", "Row: after training stage; column: evaluated task (tasks without the metric "
+         "left out).", ""]
+  for label, matrix, base, metric in tables:
+    keep = [j for j in range(t) if np.isfinite(matrix[:, j]).any()]
+    if all(v.names[j] == metric for j in keep):
+      continue  # its columns are all in the headline table
+    rows = [] if base is None else [["before stage 1"] + [_fmt(base[j]) for j in keep]]
+    rows += [[f"after {v.stages[i]}"] + [_fmt(matrix[i, j]) for j in keep] for i in range(t)]
+    out += [f"### {label} (%)", ""] + _table([""] + [v.stages[j] for j in keep], rows, "l" + "r" * len(keep))
+    out += [""]
+  return out
+
+
+def _cost(results, v: _View) -> list:
+  timing = results["timing"]
+  out = ["## Parameters and time", "", f"Parameters: {results['params']:,}", ""]
+  if "stage_seconds" in timing:
+    secs = list(timing["stage_seconds"])
+    rows = [[title, _fmt(x)] for title, x in zip(v.titles, secs)]
+    rows.append(["**Total**", _fmt(sum(x for x in secs if x is not None))])
+    out += _table(["Stage", "Time (s)"], rows, "lr") + [""]
+  for key, value in timing.items():
+    if key != "stage_seconds":
+      if isinstance(value, Mapping):
+        value = ", ".join(f"{k} {_fmt(x) if _is_number(x, False) else x}" for k, x in value.items())
+      out.append(f"- {key}: {_fmt(value) if _is_number(value, False) else value}")
+  return out + [""]
+
+
+def render_summary(results: Mapping[str, Any]) -> str:
+  """The seed-style markdown report: progression, forgetting criterion, continual summary, matrices, cost."""
+  validate_results(results)
+  v = _view(results)
+  facts = [f"tasks: {' → '.join(v.stages)}", f"parameters: {results['params']:,}"]
+  strategy = results["config"].get("strategy.names", results["config"].get("strategy"))
+  if isinstance(strategy, (str, list, tuple)):
+    facts.append(f"strategy: {strategy if isinstance(strategy, str) else ' + '.join(map(str, strategy))}")
+  out = ["# Continual-learning results", "", "; ".join(facts), ""]
+  for section in (_progression, _criterion, _continual, _matrices, _cost):
+    out += section(results, v)
+  return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def _figure(width: float, height: float):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(figsize=(width, height), dpi=120)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, bbox_inches="tight")  # Figure.savefig draws on the Agg canvas for .png
+  return path
+
+
+def _colors(n: int):
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  cmap = colormaps["tab10" if n <= 10 else "tab20"]
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def plot_loss_curves(path: str, curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]],
+                     title: str = "Training loss per stage", ylabel: str = "loss") -> str:
+  """One line per stage (steps, losses); log scale when the losses span more than two decades."""
+  if not curves:
+    raise ValueError("no loss curves to plot")
+  fig = _figure(8, 4.5)
+  ax = fig.add_subplot()
+  all_losses = []
+  for (stage, (steps, losses)), color in zip(curves.items(), _colors(len(curves))):
+    steps, losses = np.asarray(steps, np.float64), np.asarray(losses, np.float64)
+    if steps.shape != losses.shape:
+      raise ValueError(f"stage '{stage}': {steps.size} steps but {losses.size} losses")
+    ax.plot(steps, losses, color=color, linewidth=1.2, label=stage)
+    all_losses.append(losses[np.isfinite(losses)])
+  finite = np.concatenate(all_losses)
+  log = finite.size and finite.min() > 0 and finite.max() / finite.min() > 100
+  if log:
+    ax.set_yscale("log")
+  ax.set(title=title, xlabel="training step", ylabel=f"{ylabel} (log scale)" if log else ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(title="stage", fontsize="small", ncol=1 if len(curves) <= 10 else 2,
+            loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return _save(fig, path)
+
+
+def plot_matrix(path: str, matrix, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
+                unit: str = "%", xlabel: str = "evaluated task", ylabel: str = "after training stage") -> str:
+  """Annotated heatmap of a score matrix (NaN cells grey, 'n/a')."""
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  m = np.asarray(matrix, np.float64)
+  if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
+    raise ValueError(f"matrix of shape {m.shape} does not match {len(row_labels)} row and "
+                     f"{len(col_labels)} column labels")
+  rows, cols = m.shape
+  fig = _figure(max(4.5, 0.6 * cols + 2.5), max(3.5, 0.45 * rows + 1.8))
+  ax = fig.add_subplot()
+  cmap = colormaps["viridis"].with_extremes(bad="0.85")
+  finite = m[np.isfinite(m)]
+  vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+  if unit == "%":  # one fixed scale, so that close scores do not look far apart
+    vmin, vmax = min(vmin, 0.0), max(vmax, 100.0)
+  image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-9), aspect="auto")
+  fig.colorbar(image, ax=ax, label=f"score ({unit})")
+  size = max(5.0, min(10.0, 110.0 / max(rows, cols)))
+  for i in range(rows):
+    for j in range(cols):
+      v = m[i, j]
+      dark = not np.isfinite(v) or image.norm(v) > 0.6  # viridis is light at the top
+      ax.text(j, i, _fmt(v) if np.isfinite(v) else "n/a", ha="center", va="center", fontsize=size,
+              color="black" if dark else "white")
+  long_labels = cols > 6 or max(len(str(c)) for c in col_labels) > 8
+  ax.set_xticks(range(cols), labels=[str(c) for c in col_labels], rotation=45 if long_labels else 0,
+                ha="right" if long_labels else "center", fontsize=size + 1)
+  ax.set_yticks(range(rows), labels=[str(r) for r in row_labels], fontsize=size + 1)
+  ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+  return _save(fig, path)
+
+
+def plot_evolution(path: str, matrices: Mapping[str, Any], task_names: Sequence[str],
+                   stage_labels: Optional[Sequence[str]] = None, unit: str = "%") -> str:
+  """Each task's score after every stage, one panel per metric; dotted before the task's own stage."""
+  if not matrices:
+    raise ValueError("no matrices to plot")
+  t = len(task_names)
+  stage_labels = list(stage_labels or task_names)
+  n = len(matrices)
+  ncols = min(n, 3)
+  nrows = math.ceil(n / ncols)
+  fig = _figure(max(5.0, 4.6 * ncols) + (2.2 if t > 10 else 1.2), 3.8 * nrows)
+  colors = _colors(t)
+  handles = []
+  for k, (metric, matrix) in enumerate(matrices.items()):
+    m = np.asarray(matrix, np.float64)
+    if m.shape != (len(stage_labels), t):
+      raise ValueError(f"'{metric}' matrix of shape {m.shape}, expected ({len(stage_labels)}, {t})")
+    ax = fig.add_subplot(nrows, ncols, k + 1)
+    x = np.arange(m.shape[0])
+    for j in range(t):
+      learned = x >= j
+      ax.plot(x[: j + 1], m[: j + 1, j], color=colors[j], linestyle=":", linewidth=1, alpha=0.7)
+      line, = ax.plot(x[learned], m[learned, j], color=colors[j], marker="o", markersize=3, linewidth=1.4,
+                      label=task_names[j])
+      if k == 0:
+        handles.append(line)
+    rotate = len(stage_labels) > 6 or max(len(s) for s in stage_labels) > 8
+    ax.set_xticks(x, labels=stage_labels, rotation=45 if rotate else 0, ha="right" if rotate else "center",
+                  fontsize="small")
+    ax.set(title=metric_label(metric), xlabel="after training stage", ylabel=f"{metric_label(metric)} ({unit})")
+    ax.grid(alpha=0.3)
+  fig.suptitle("Score of each task across training stages (dotted: before its own stage)")
+  fig.legend(handles=handles, title="task", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small",
+             ncol=1 if t <= 12 else 2)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def write_plots(workdir: str, results: Mapping[str, Any],
+                curves: Optional[Mapping[str, Tuple[Sequence[float], Sequence[float]]]] = None) -> list:
+  """workdir/plots/: matrix_headline.png (each task's headline metric), matrix_<metric>.png for metrics that
+  several tasks share, evolution.png (headline metrics), and loss_curves.png when curves are given."""
+  validate_results(results)
+  stages, plots = list(results["stages"]), os.path.join(workdir, "plots")
+  rows = [f"after {s}" for s in stages]
+  v = _view(results)
+  names = v.names
+  paths = [plot_matrix(os.path.join(plots, "matrix_headline.png"), v.r, rows, stages,
+                       f"{v.headline} of each task after each stage")]
+  for m, matrix in results["metrics"].items():
+    if np.sum(np.isfinite(np.asarray(matrix, np.float64)).any(axis=0)) > 1 and any(n != m for n in names):
+      paths.append(plot_matrix(os.path.join(plots, f"matrix_{m}.png"), matrix, rows, stages,
+                               f"{metric_label(m)} of each task after each stage"))
+  paths.append(plot_evolution(os.path.join(plots, "evolution.png"),
+                              {m: results["metrics"][m] for m in dict.fromkeys(names)}, stages))
+  if curves:
+    paths.append(plot_loss_curves(os.path.join(plots, "loss_curves.png"), curves))
+  return paths
