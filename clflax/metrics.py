@@ -41,7 +41,8 @@ def confusion_matrix(pred, label, num_classes: int, ignore_index: Optional[int] 
     if x.size and (x.min() < 0 or x.max() >= num_classes):
       raise ValueError(f"{name} values must lie in [0, {num_classes}) (or be ignore_index={ignore_index}), "
                        f"got range [{x.min()}, {x.max()}]")
-  counts = np.bincount(label.astype(np.int64) * num_classes + pred, minlength=num_classes * num_classes)
+  counts = np.bincount(label.astype(np.int64) * num_classes + pred.astype(np.int64),
+                       minlength=num_classes * num_classes)
   return counts.reshape(num_classes, num_classes)
 
 

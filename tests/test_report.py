@@ -1,7 +1,5 @@
 """results.json validation and atomic writing, summary.md tables, and the PNG plots."""
-import copy
 import json
-import math
 import os
 import struct
 
