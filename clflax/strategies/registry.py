@@ -1,0 +1,185 @@
+"""Strategy names -> one optax chain, config validation and state look-up.
+
+Chain order (`build_tx`): si (needs the raw gradient), ewc, mas, l2 (penalty
+gradients added to the task gradient), agem (projects the sum against the
+memory's reference gradient), clip_by_global_norm, base optimizer.
+'naive', 'replay' and 'lwf' add no transform: they act on the data / loss and
+the trainer handles them.
+"""
+import math
+import numbers
+from typing import Any, Callable, Optional, Type, TypeVar
+
+import jax
+import ml_collections
+import optax
+
+from clflax.strategies import agem as agem_lib
+from clflax.strategies import ewc as ewc_lib
+from clflax.strategies import l2 as l2_lib
+from clflax.strategies import mas as mas_lib
+from clflax.strategies import si as si_lib
+
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2')
+FISHER_MODES = ('exact', 'running')
+
+S = TypeVar('S')
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every strategy's fields; `names` selects which are active."""
+  c = ml_collections.ConfigDict()
+  c.names = ('agem',)  # Tuple of KNOWN names, combined freely; ('naive',) = plain.
+
+  c.ewc = ml_collections.ConfigDict()
+  c.ewc.strength = 100.  # lambda: penalty 0.5 * lambda * sum F (theta - theta*)^2.
+  c.ewc.decay = 1.0  # Online EWC: F = decay * F_old + F_new (0 keeps the newest).
+  c.ewc.fisher = 'exact'  # 'exact' per-example Fisher, or 'running' (A-GEM authors').
+  c.ewc.fisher_samples = 64  # Examples of the finished task for the exact Fisher.
+
+  c.agem = ml_collections.ConfigDict()
+  c.agem.memory_per_task = 64  # Episodic memory size kept per finished task.
+  c.agem.ref_batch = 16  # Memory examples per task for the reference gradient.
+
+  c.replay = ml_collections.ConfigDict()
+  c.replay.memory_per_task = 64  # Reservoir capacity per finished task.
+  c.replay.batch = 8  # Memory examples replayed per step (per old task).
+  c.replay.weight = 1.0  # Weight of the replayed loss relative to the task loss.
+
+  c.lwf = ml_collections.ConfigDict()
+  c.lwf.temperature = 2.0  # Distillation temperature T (loss scaled by T^2).
+  c.lwf.weight = 1.0  # Weight of the distillation loss of the old heads.
+
+  c.si = ml_collections.ConfigDict()
+  c.si.strength = 0.1  # Penalty strength (2c in Zenke et al.'s notation).
+  c.si.damping = 0.1  # xi in Omega = omega / (delta^2 + xi).
+
+  c.mas = ml_collections.ConfigDict()
+  c.mas.strength = 1.0  # lambda of the MAS penalty.
+  c.mas.samples = 64  # Examples of the finished task for the importance.
+
+  c.l2 = ml_collections.ConfigDict()
+  c.l2.strength = 0.01  # Uniform pull towards the previous task's weights.
+  return c
+
+
+def _number(name: str, field: str, value, *, positive: bool = False,
+            integer: bool = False, upper: Optional[float] = None) -> None:
+  """ValueError unless value is a finite (int) number >= 0 (> 0, <= upper)."""
+  kind = numbers.Integral if integer else numbers.Real
+  if isinstance(value, bool) or not isinstance(value, kind):
+    want = 'an int' if integer else 'a number'
+    raise ValueError(f'strategy.{name}.{field} must be {want}, got {value!r}')
+  if not math.isfinite(value) or value < 0 or (positive and value == 0):
+    bound = '> 0' if positive else '>= 0'
+    raise ValueError(f'strategy.{name}.{field} must be {bound}, got {value!r}')
+  if upper is not None and value > upper:
+    raise ValueError(f'strategy.{name}.{field} must be <= {upper}, got {value!r}')
+
+
+# Per strategy: field -> keyword arguments of _number (None = checked apart).
+_FIELDS = {
+    'ewc': {'strength': {}, 'decay': {'upper': 1.0}, 'fisher': None,
+            'fisher_samples': {'positive': True, 'integer': True}},
+    'agem': {'memory_per_task': {'positive': True, 'integer': True},
+             'ref_batch': {'positive': True, 'integer': True}},
+    'replay': {'memory_per_task': {'positive': True, 'integer': True},
+               'batch': {'positive': True, 'integer': True},
+               'weight': {}},
+    'lwf': {'temperature': {'positive': True}, 'weight': {}},
+    'si': {'strength': {}, 'damping': {'positive': True}},
+    'mas': {'strength': {}, 'samples': {'positive': True, 'integer': True}},
+    'l2': {'strength': {}},
+}
+
+
+def validate(strategy_cfg) -> tuple:
+  """Checks names and the active strategies' fields; returns the names.
+
+  Raises a one-line ValueError naming the bad name, field or value.
+  """
+  names = strategy_cfg.get('names') if hasattr(strategy_cfg, 'get') else None
+  if isinstance(names, str) or not isinstance(names, (tuple, list)):
+    raise ValueError(f'strategy.names must be a tuple of names from {KNOWN}, '
+                     f'got {names!r}')
+  if not names:
+    raise ValueError("strategy.names is empty: use ('naive',) for no strategy")
+  for name in names:
+    if name not in KNOWN:
+      raise ValueError(f'unknown strategy {name!r}; known: {KNOWN}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'strategy.names has duplicates: {tuple(names)}')
+  for name in names:
+    fields = _FIELDS.get(name, {})
+    if fields and name not in strategy_cfg:
+      raise ValueError(f'strategy {name!r} needs a strategy.{name} section')
+    for field, rule in fields.items():
+      if field not in strategy_cfg[name]:
+        raise ValueError(f'strategy.{name}.{field} is missing')
+      value = strategy_cfg[name][field]
+      if rule is not None:
+        _number(name, field, value, **rule)
+      elif value not in FISHER_MODES:
+        raise ValueError(f'strategy.ewc.fisher must be one of {FISHER_MODES}, '
+                         f'got {value!r}')
+  return tuple(names)
+
+
+def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
+             clip_norm: Optional[float] = None
+             ) -> optax.GradientTransformationExtraArgs:
+  """optax.chain(si, ewc, mas, l2, agem, clip, base_tx) for the active names.
+
+  The result accepts `ref_grads=` in update whether or not A-GEM is active.
+  """
+  names = validate(strategy_cfg)
+  cfg = strategy_cfg  # ConfigDict or plain nested dict: item access only.
+  parts = []
+  if 'si' in names:
+    parts.append(si_lib.si(cfg['si']['strength'], cfg['si']['damping']))
+  if 'ewc' in names:
+    parts.append(ewc_lib.ewc(cfg['ewc']['strength']))
+  if 'mas' in names:
+    parts.append(mas_lib.mas(cfg['mas']['strength']))
+  if 'l2' in names:
+    parts.append(l2_lib.l2(cfg['l2']['strength']))
+  if 'agem' in names:
+    parts.append(agem_lib.agem())
+  if clip_norm is not None:
+    if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) \
+        or not clip_norm > 0 or not math.isfinite(clip_norm):
+      raise ValueError(f'clip_norm must be a finite number > 0, got {clip_norm!r}')
+    parts.append(optax.clip_by_global_norm(clip_norm))
+  parts.append(base_tx)
+  return optax.chain(*parts)
+
+
+def _matches(state_type: Type) -> Callable[[Any], bool]:
+  return lambda x: isinstance(x, state_type)
+
+
+def find_state(opt_state: Any, state_type: Type[S]) -> Optional[S]:
+  """The unique state of type `state_type` nested in opt_state, or None.
+
+  Raises ValueError if there are several (ambiguous).
+  """
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_matches(state_type))
+           if isinstance(x, state_type)]
+  if len(found) > 1:
+    raise ValueError(f'{len(found)} states of type {state_type.__name__} in '
+                     'opt_state; expected at most one')
+  return found[0] if found else None
+
+
+def replace_state(opt_state: Any, state_type: Type[S],
+                  fn: Callable[[S], S]) -> Any:
+  """opt_state with fn applied to its unique `state_type` state.
+
+  E.g. `replace_state(opt_state, EwcState, lambda s: ewc.consolidate(s, p, f))`.
+  Raises ValueError if there is no such state (the strategy is not active).
+  """
+  if find_state(opt_state, state_type) is None:
+    raise ValueError(f'no {state_type.__name__} in opt_state (is the strategy '
+                     'in strategy.names?)')
+  return jax.tree.map(lambda x: fn(x) if isinstance(x, state_type) else x,
+                      opt_state, is_leaf=_matches(state_type))
