@@ -181,6 +181,9 @@ def test_bad_input():
   buf = replay.init(3, {'id': jnp.zeros((2,))})
   with pytest.raises(ValueError, match='shape'):
     replay.add(buf, {'id': jnp.zeros((4, 3))}, jax.random.key(0))
+  with pytest.raises(ValueError, match='valid'):
+    replay.add(buf, {'id': jnp.zeros((4, 2))}, jax.random.key(0),
+               valid=jnp.ones((3,), bool))
   with pytest.raises(ValueError, match='structure'):
     replay.append(buf, {'x': jnp.zeros((4, 2))})
   with pytest.raises(ValueError, match='labels'):

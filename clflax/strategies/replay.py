@@ -97,6 +97,8 @@ def add(buffer: ReplayBuffer, batch: PyTree, key: jax.Array,
   capacity = _leading(buffer.data)
   b = _check_batch(buffer.data, batch)
   valid = jnp.ones((b,), bool) if valid is None else jnp.asarray(valid, bool)
+  if valid.shape != (b,):
+    raise ValueError(f'valid must have shape ({b},), got {valid.shape}')
 
   def step(buf, inputs):
     example, ok, k = inputs
