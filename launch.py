@@ -23,8 +23,20 @@ def _parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     if '--debug' in argv:
       raise
-    message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    sys.exit(f'error: bad flag: {message}')
+    missing = str(e).strip('"\'')
+    for arg in argv[1:]:  # Name the override that holds the unknown key.
+      key = arg.split('=', 1)[0]
+      if key.startswith('--config.') and (key.endswith(f'.{missing}') or f'.{missing}.' in key):
+        sys.exit(f'error: unknown config key {key[len("--config."):]!r} (from {arg}); see the config file for the '
+                 'valid fields')
+    sys.exit(f'error: bad flag: {_last_line(e)}')
+
+
+def _last_line(error: BaseException) -> str:
+  """The informative line of a config_flags error (they embed the config file's traceback as text)."""
+  text = f'{error}\n{error.__cause__ or ""}'
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
 
 
 def main(argv):
@@ -32,8 +44,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('both --config and --workdir are required')
+  try:
+    config = _CONFIG.value
+    config.get('seed')  # config_flags loads lazily: surface a missing or broken file here.
+  except OSError as e:
+    if _DEBUG.value:
+      raise
+    sys.exit(f'error: cannot load --config: {_last_line(e)}')
   from clflax import run  # Deferred: JAX starts only after the flags are valid.
-  sys.exit(run.main(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value, debug=_DEBUG.value))
+  sys.exit(run.main(config, _WORKDIR.value, fresh=_FRESH.value, debug=_DEBUG.value))
 
 
 if __name__ == '__main__':

@@ -12,9 +12,19 @@ from clflax import workdirs
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class _QuietLibraries(logging.Filter):
+  """Keeps orbax's per-checkpoint INFO chatter out of the console (warnings still show)."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False, debug: bool = False) -> int:
   """Runs `config` in `workdir`; returns the process exit code."""
   logging.getLogger('absl').setLevel(logging.INFO)
+  for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
+    handler.addFilter(_QuietLibraries())
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)  # No 'libtpu not found' noise on CPU.
   try:
     configuration.maybe_initialize_distributed(config)
     configuration.validate(config, num_devices=jax.device_count())

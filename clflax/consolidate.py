@@ -1,0 +1,98 @@
+"""Between stages: each configured strategy keeps what it needs of the task just learned.
+
+EWC: the exact per-example Fisher diagonal on a sample of the task; MAS: its output-sensitivity importance; SI and
+L2: re-anchoring (SI turns its path integral into importance); A-GEM / replay / the balancing fine-tune: an episodic
+memory of the task; LwF: the current model as the teacher of later stages. Each update is a pure function applied to
+the strategy's own NamedTuple inside the optax state (`registry.replace_state`).
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from clflax import steps
+from clflax import tasks
+from clflax.strategies import ewc
+from clflax.strategies import l2
+from clflax.strategies import mas
+from clflax.strategies import registry
+from clflax.strategies import replay
+from clflax.strategies import si
+
+
+def needs_memory(config: ml_collections.ConfigDict) -> bool:
+  names = set(config.strategy.names)
+  return bool(names & {'agem', 'replay'}) or config.train.balance_finetune_steps > 0
+
+
+def memory_size(config: ml_collections.ConfigDict) -> int:
+  """Examples kept per task: the larger of the memory-based strategies' settings."""
+  sizes = [config.strategy[name].memory_per_task for name in ('agem', 'replay') if name in config.strategy.names]
+  return max(sizes) if sizes else config.strategy.replay.memory_per_task
+
+
+def with_valid(examples: dict) -> dict:
+  """Memories are always-real examples: give them the `valid` flag that the losses expect."""
+  n = len(next(iter(examples.values())))
+  return dict(examples, valid=np.ones((n,), bool))
+
+
+def empty_memory(example_batch: dict, capacity: int) -> replay.ReplayBuffer:
+  """An empty fixed-capacity buffer shaped like one example of `example_batch`."""
+  one = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), with_valid(example_batch))
+  return replay.init(capacity, one)
+
+
+def _example_loss(model, variables, task, train_cfg):
+  """loss_fn(params, example) of ONE example through `task`'s head, batch norm in inference mode."""
+
+  def loss_fn(params, example):
+    batch = jax.tree.map(lambda x: x[None], example)
+    outputs = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, batch['image'], task=task,
+                          train=False)
+    return tasks.loss(task, outputs, batch, train_cfg)[0]
+
+  return loss_fn
+
+
+def _example_output(model, variables, task):
+  def output_fn(params, example):
+    outputs = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, example['image'][None],
+                          task=task, train=False)
+    return outputs
+
+  return output_fn
+
+
+def consolidate(state: steps.TrainState, context: steps.Context, task: str, examples: dict, *, model,
+                config: ml_collections.ConfigDict) -> tuple[steps.TrainState, steps.Context]:
+  """Returns the state and context after learning `task`; `examples` is a sample of its training set (numpy)."""
+  names = set(config.strategy.names)
+  strategy = config.strategy
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  examples = with_valid(examples)
+  opt_state = state.opt_state
+  chunk = 4  # Per-example gradients of a few examples at a time: bounded memory for big backbones.
+  if 'ewc' in names:
+    sample = jax.tree.map(lambda x: x[:strategy.ewc.fisher_samples], examples)
+    fisher = jax.jit(lambda p, b: ewc.fisher_diagonal(
+        _example_loss(model, variables, task, config.train), p, b, chunk_size=chunk))(state.params, sample)
+    opt_state = registry.replace_state(
+        opt_state, ewc.EwcState, lambda s: ewc.consolidate(s, state.params, fisher, strategy.ewc.decay))
+  if 'mas' in names:
+    sample = jax.tree.map(lambda x: x[:strategy.mas.samples], examples)
+    importance = jax.jit(lambda p, b: mas.importance(
+        _example_output(model, variables, task), p, b, chunk_size=chunk))(state.params, sample)
+    opt_state = registry.replace_state(
+        opt_state, mas.MasState, lambda s: mas.consolidate(s, state.params, importance))
+  if 'si' in names:
+    opt_state = registry.replace_state(opt_state, si.SiState, lambda s: si.consolidate(s, state.params))
+  if 'l2' in names:
+    opt_state = registry.replace_state(opt_state, l2.L2State, lambda s: l2.consolidate(s, state.params))
+  memories = dict(context.memories)
+  if task in memories:
+    capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
+    kept = jax.tree.map(lambda x: x[:capacity], examples)
+    memories[task] = replay.append(memories[task], kept)
+  teacher = jax.tree.map(jnp.copy, variables) if 'lwf' in names else context.teacher
+  return state._replace(opt_state=opt_state), steps.Context(memories=memories, teacher=teacher)

@@ -1,0 +1,116 @@
+"""The pure, jittable steps: one train step per head (task static) and one eval step per head.
+
+A train step sees the current task's batch and what earlier stages left behind (`Context`: episodic memories per
+task and the previous model for LwF). Replay's memory batches and A-GEM's reference gradient go through each earlier
+task's own head inside the same compiled step; the strategies' optax transforms receive `ref_grads=` as an extra
+argument, so any chain of strategies runs through one `tx.update`.
+"""
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from clflax import tasks
+from clflax.strategies import replay
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # Global optimisation step, across stages.
+  params: PyTree
+  batch_stats: PyTree
+  opt_state: PyTree  # Base optimizer + every strategy's NamedTuple state.
+  rng: jax.Array
+
+
+class Context(NamedTuple):
+  """What earlier stages left for later ones; read by the step, never trained."""
+  memories: dict  # task -> replay.ReplayBuffer of that task's examples (empty until its stage ends).
+  teacher: dict  # {'params', 'batch_stats'} after the previous stage (LwF's teacher).
+
+
+def _forward(model, params, batch_stats, images, task, rng, train):
+  variables = {'params': params, 'batch_stats': batch_stats}
+  if not train:
+    return model.apply(variables, images, task=task, train=False), batch_stats
+  outputs, updates = model.apply(variables, images, task=task, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': rng})
+  return outputs, updates['batch_stats']
+
+
+def _memory_loss(model, params, batch_stats, context, earlier, key, batch_size, train_cfg):
+  """Mean over earlier tasks of their (weighted) loss on a batch drawn from their memory, through their heads."""
+  total = 0.0
+  for task, task_key in zip(earlier, jax.random.split(key, len(earlier))):
+    sample_key, drop_key = jax.random.split(task_key)
+    batch = replay.sample(context.memories[task], sample_key, batch_size)
+    outputs, _ = _forward(model, params, batch_stats, batch['image'], task, drop_key, train=True)
+    task_loss, _ = tasks.loss(task, outputs, batch, train_cfg)
+    total += train_cfg.loss_weights[task] * task_loss
+  return total / len(earlier)
+
+
+def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: optax.GradientTransformation,
+               task: str, earlier: tuple[str, ...], config: ml_collections.ConfigDict):
+  """One optimisation step of head `task`; returns (new state, metrics). Pure: jit it with `task` fixed."""
+  strategy, train_cfg = config.strategy, config.train
+  names = set(strategy.names)
+  rng, drop_key, replay_key, agem_key = jax.random.split(state.rng, 4)
+
+  def loss_fn(params):
+    outputs, new_stats = _forward(model, params, state.batch_stats, batch['image'], task, drop_key, train=True)
+    task_loss, parts = tasks.loss(task, outputs, batch, train_cfg)
+    total = train_cfg.loss_weights[task] * task_loss
+    if earlier and 'replay' in names:
+      parts['replay'] = _memory_loss(model, params, state.batch_stats, context, earlier, replay_key,
+                                     strategy.replay.batch, train_cfg)
+      total += strategy.replay.weight * parts['replay']
+    if earlier and 'lwf' in names:
+      distill = 0.0
+      for old_task in earlier:
+        student, _ = _forward(model, params, state.batch_stats, batch['image'], old_task, drop_key, train=True)
+        teacher, _ = _forward(model, context.teacher['params'], context.teacher['batch_stats'], batch['image'],
+                              old_task, None, train=False)
+        distill += tasks.distill(old_task, student, teacher, strategy.lwf.temperature)
+      parts['lwf'] = distill / len(earlier)
+      total += strategy.lwf.weight * parts['lwf']
+    parts['total'] = total
+    return total, (parts, new_stats)
+
+  grads, (parts, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  ref_grads = None
+  if earlier and 'agem' in names:
+    ref_grads = jax.grad(_memory_loss, argnums=1)(model, state.params, state.batch_stats, context, earlier,
+                                                   agem_key, strategy.agem.ref_batch, train_cfg)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, ref_grads=ref_grads)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(parts, grad_norm=optax.global_norm(grads))
+  new_state = TrainState(state.step + 1, params, new_stats, opt_state, rng)
+  return new_state, metrics
+
+
+def eval_step(variables: dict, batch: dict, *, model, task: str, max_detections: int) -> dict:
+  """Per-batch evaluation summaries of head `task` (see tasks.eval_outputs)."""
+  outputs = model.apply(variables, batch['image'], task=task, train=False)
+  return tasks.eval_outputs(task, outputs, batch, max_detections)
+
+
+def jit_train_step(model, tx, task, earlier, config, state_sharding=None, batch_sharding=None):
+  """The train step of one head, compiled once; the state's buffers are donated (updated in place)."""
+  step = functools.partial(train_step, model=model, tx=tx, task=task, earlier=tuple(earlier), config=config)
+  if state_sharding is None:
+    return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, state_sharding),
+                 out_shardings=(state_sharding, None))
+
+
+def jit_eval_step(model, task, max_detections):
+  return jax.jit(functools.partial(eval_step, model=model, task=task, max_detections=max_detections))
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))

@@ -1,0 +1,230 @@
+"""The continual trainer: stages (one per task), evaluation of every task after each, consolidation, snapshots.
+
+`train_and_evaluate(config, workdir)` is the whole job; rerunning it on the same workdir resumes from the newest
+complete checkpoint. Each stage compiles its head's train step once (`steps.jit_train_step`) and feeds it batches
+indexed by step, so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+import time
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from clu import metric_writers
+
+from clflax import checkpoints
+from clflax import consolidate as consolidation
+from clflax import evaluation
+from clflax import inputs
+from clflax import parallel
+from clflax import steps
+from clflax import tasks
+from clflax.models import multitask
+from clflax.strategies import ewc
+from clflax.strategies import l2
+from clflax.strategies import mas
+from clflax.strategies import registry
+from clflax.strategies import si
+
+
+class Run(NamedTuple):
+  """Everything fixed for the whole run (no arrays that change during training)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: multitask.MultiTaskNet
+  data: inputs.Data
+  writer: Any  # clu metric writer (TensorBoard + log).
+  mesh: Any
+  eval_steps: dict  # task -> jitted eval step.
+  param_count: int
+  param_report: dict
+  final_variables: Callable[[], dict]  # The variables after the last stage (for timing).
+
+  def shard(self, local_batch):
+    return parallel.shard_batch(self.mesh, local_batch)
+
+
+def build_model(config: ml_collections.ConfigDict) -> multitask.MultiTaskNet:
+  return multitask.MultiTaskNet(
+      backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES, neck_channels=config.model.neck_channels,
+      depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections)
+
+
+def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Strategies' transforms + clipping + the base optimizer with warm-up and cosine warm restarts (per stage)."""
+  train = config.train
+  period = max(1, train.restart_epochs * steps_per_epoch)
+  warmup = min(train.warmup_steps, period - 1)
+  schedule = optax.join_schedules(
+      [optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, warmup, period, train.learning_rate * 0.01)]
+      + [optax.cosine_decay_schedule(train.learning_rate, period, 0.01)] * 63,
+      boundaries=[period * (i + 1) for i in range(63)])
+  if train.optimizer == 'sgd':
+    base = optax.chain(optax.add_decayed_weights(train.weight_decay), optax.sgd(schedule, momentum=0.9))
+  elif train.optimizer == 'adam':
+    base = optax.adam(schedule)
+  else:
+    base = optax.adamw(schedule, weight_decay=train.weight_decay)
+  return registry.build_tx(config.strategy, base, clip_norm=train.clip_norm or None)
+
+
+def fresh_optimizer_state(tx, params, old_opt_state=None):
+  """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
+  opt_state = tx.init(params)
+  if old_opt_state is not None:
+    for state_type in (ewc.EwcState, mas.MasState, si.SiState, l2.L2State):
+      old = registry.find_state(old_opt_state, state_type)
+      if old is not None:
+        opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
+  return opt_state
+
+
+def initial_state(config, variables, tx) -> steps.TrainState:
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), rng)
+
+
+def _log_progress(stage_label, epoch, epochs, done, total, start_time, last, writer, global_step):
+  """One console line with the latest losses, speed and ETA; TensorBoard scalars via the clu writer."""
+  rate = done / max(time.time() - start_time, 1e-9)
+  eta = int((total - done) / max(rate, 1e-9))
+  losses = ' '.join(f'{k}={v:.4g}' for k, v in sorted(last.items()))
+  logging.info('%s epoch %d/%d step %d/%d | %s | %.2f steps/s, stage ETA %dm%02ds', stage_label, epoch + 1, epochs,
+               done, total, losses, rate, eta // 60, eta % 60)
+  writer.write_scalars(global_step, {f'train/{k}': v for k, v in last.items()})
+
+
+def _check_finite(records, stage_label, first_step):
+  """The NaN guard: stops the run (before any checkpoint of the bad state) naming the stage, step and loss."""
+  for offset, record in enumerate(records):
+    bad = [k for k, v in record.items() if not np.isfinite(v)]
+    if bad:
+      raise FloatingPointError(
+          f'non-finite {", ".join(sorted(bad))} at {stage_label}, step {first_step + offset}; the last good '
+          'checkpoint is kept. Lower the learning rate or enable clipping (config.train.clip_norm).')
+
+
+def _variables(state):
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> dict:
+  """Trains stage k with per-epoch validation and early stopping; returns the tree with the best weights."""
+  config, task = run.config, run.config.tasks[k]
+  meta = progress.meta
+  epochs, steps_per_epoch = config.train.epochs[task], run.data.steps_per_epoch[task]
+  state_sharding = parallel.replicated(run.mesh)
+  step_fn = steps.jit_train_step(run.model, make_tx(config, steps_per_epoch), task, config.tasks[:k], config,
+                                 state_sharding, parallel.batch_sharding(run.mesh))
+  train_set = run.data.train_sets[task]
+  label = f'stage {k + 1}/{len(config.tasks)} ({task})'
+  total, start = epochs * steps_per_epoch, meta['stage_step']
+  start_time = time.time()
+  state, context = tree['state'], tree['context']
+  for epoch in range(meta['epoch'], epochs):
+    history = []
+    for step in range(max(start, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch):
+      state, metrics = step_fn(state, run.shard(train_set[step]), context)
+      history.append(metrics)
+      meta['stage_step'] = step + 1
+      if (step + 1) % config.train.log_every_steps == 0 or step + 1 == (epoch + 1) * steps_per_epoch:
+        records = [{name: float(v) for name, v in m.items()} for m in jax.device_get(history)]
+        _check_finite(records, label, step + 2 - len(records))
+        meta['curves'].setdefault(task, []).extend(
+            [[step + 2 - len(records) + i, r['total']] for i, r in enumerate(records)])
+        _log_progress(label, epoch, epochs, step + 1 - start, total - start, start_time, records[-1], run.writer,
+                      int(state.step))
+        history = []
+        if (step + 1) % config.train.checkpoint_every_steps < len(records) and step + 1 < total:
+          progress.save(dict(tree, state=state))
+    scores = evaluation.evaluate_task(run, task, _variables(state))
+    score = scores[tasks.HEADLINE[task]]
+    meta['epoch'] = epoch + 1
+    meta['epoch_scores'].setdefault(task, []).append(score)
+    run.writer.write_scalars(int(state.step), {f'val/{task}_{m}': v for m, v in scores.items()})
+    logging.info('%s epoch %d/%d validation: %s', label, epoch + 1, epochs,
+                 ', '.join(f'{m}={v:.2f}' for m, v in scores.items()))
+    if meta['best_score'] is None or score > meta['best_score'] or (
+        np.isnan(meta['best_score']) and not np.isnan(score)):
+      meta['best_score'], meta['bad_epochs'] = score, 0
+      tree = dict(tree, best=jax.tree.map(jnp.copy, _variables(state)))
+    else:
+      meta['bad_epochs'] += 1
+    tree = dict(tree, state=state)
+    progress.save(tree)
+    if meta['bad_epochs'] >= config.train.early_stopping_patience:
+      logging.info('%s: early stop after epoch %d (best %s %.2f)', label, epoch + 1, tasks.HEADLINE[task],
+                   meta['best_score'])
+      break
+  tree = dict(tree, state=state)
+  if meta['best_score'] is not None:  # Keep the best epoch's weights (the seed's early stopping).
+    best = tree['best']
+    tree['state'] = state._replace(params=best['params'], batch_stats=best['batch_stats'])
+  return tree
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict, dict]:
+  """Builds the model, data, mesh and writers; returns the run and the initial array tree."""
+  model = build_model(config)
+  data = inputs.load(config)
+  logging.info('%s', data.description)
+  mesh = parallel.make_mesh()
+  variables = multitask.init_variables(model, jax.random.PRNGKey(config.seed), config.model.image_size,
+                                       pretrained_path=config.model.pretrained or None)
+  counts = multitask.count_params(variables)
+  tx = make_tx(config, data.steps_per_epoch[config.tasks[0]])
+  state = initial_state(config, variables, tx)
+  teacher = jax.tree.map(jnp.copy, variables) if 'lwf' in config.strategy.names else {}
+  memories = {}
+  if consolidation.needs_memory(config):
+    size = consolidation.memory_size(config)
+    memories = {t: consolidation.empty_memory(data.example_batches[t], size) for t in config.tasks}
+  tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': jax.tree.map(jnp.copy, variables)}
+  tree = parallel.replicate(mesh, tree)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  eval_steps = {t: steps.jit_eval_step(model, t, config.model.max_detections) for t in config.tasks}
+  final = {}
+  run = Run(config, workdir, model, data, writer, mesh, eval_steps, int(counts['total']), counts,
+            lambda: final['variables'])
+  return run, tree, final
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the whole continual experiment in `workdir`; returns the results dict."""
+  run, tree, final = setup_run(config, workdir)
+  progress = checkpoints.Progress(workdir)
+  tree, resumed = progress.resume(tree)
+  tree = parallel.replicate(run.mesh, tree)
+  meta = progress.meta
+  if resumed:
+    logging.info('resuming from checkpoint %d: stage %d, epoch %d, step %d', meta['saves'], meta['stage'] + 1,
+                 meta['epoch'], meta['stage_step'])
+  else:
+    meta['baseline'] = evaluation.evaluate_all(run, _variables(tree['state']))
+    logging.info('baseline before stage 1: %s', meta['baseline'])
+  for k in range(meta['stage'], len(config.tasks)):
+    task = config.tasks[k]
+    stage_start = time.time() - meta['stage_seconds_so_far']
+    if meta['epoch'] == 0 and meta['stage_step'] == 0:  # A new stage: fresh base optimizer, strategies kept.
+      tx = make_tx(config, run.data.steps_per_epoch[task])
+      state = tree['state']
+      tree['state'] = state._replace(opt_state=fresh_optimizer_state(tx, state.params, state.opt_state))
+    tree = run_stage(k, run, tree, progress)
+    meta['rows'].append(evaluation.evaluate_all(run, _variables(tree['state'])))
+    logging.info('after stage %d (%s): %s', k + 1, task, meta['rows'][-1])
+    state, context = consolidation.consolidate(tree['state'], tree['context'], task, run.data.memory_examples(task),
+                                               model=run.model, config=config)
+    tree = parallel.replicate(run.mesh, dict(tree, state=state, context=context))
+    meta['stage_seconds'].append(time.time() - stage_start)
+    meta.update(stage=k + 1, epoch=0, stage_step=0, best_score=None, bad_epochs=0, stage_seconds_so_far=0.0)
+    progress.save(tree, stage_done=k)
+  final['variables'] = _variables(tree['state'])
+  results = evaluation.assemble_results(run, meta)
+  evaluation.write_reports(run, results)
+  run.writer.flush()
+  return results
