@@ -133,7 +133,7 @@ def prepare(builder_cls: type[SourceFolderBuilder], source_dir: str | pathlib.Pa
   builder_cls.check_layout(source)
   builder = builder_cls(source_dir=source, skip_bad=skip_bad,
                         data_dir=cache_path(cache_dir, source), file_format='array_record')
-  reused = builder.is_prepared()
+  reused = (builder.data_path / 'dataset_info.json').exists()
   start = time.perf_counter()
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   logging.info('%s: %s %s in %.1f s at %s', builder.name, 'reused' if reused else 'prepared',

@@ -124,7 +124,8 @@ def make_mnist(src: pathlib.Path, out: pathlib.Path) -> dict[str, list[str]]:
     images, labels = data[split]
     _write_idx(out / f'{image_stem}.gz', images[:MNIST_COUNTS[split]])
     _write_idx(out / f'{label_stem}.gz', labels[:MNIST_COUNTS[split]])
-  return {split: [f'first {n} images'] for split, n in MNIST_COUNTS.items()}
+  return {'train' if split == 'train' else 't10k': [f'the first {n} images and labels']
+          for split, n in MNIST_COUNTS.items()}
 
 
 _README = """# Bundled real sample (made by `python -m clflax.data.make_sample --src {src}`)
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
           'mini_coco_det': make_coco(src / 'mini_coco_det', out / 'mini_coco_det'),
           'imagenette_160': make_imagenette(src / 'imagenette_160', out / 'imagenette_160'),
           'mnist': make_mnist(src / 'mnist', out / 'mnist')}
-  files = '\n'.join(f'- {name} {split} ({len(items)}): {", ".join(items)}'
+  files = '\n'.join(f'- {name}/{split}: {", ".join(items)}'
                     for name, splits in made.items() for split, items in splits.items())
   (out / 'README.md').write_text(_README.format(
       src=args.src, short=SHORT_SIDE, quality=JPEG_QUALITY, counts=COUNTS, inet=IMAGENETTE_PER_CLASS,
