@@ -44,6 +44,8 @@ def test_batches_have_fixed_shapes_and_dtypes():
       assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want[task]
   with pytest.raises(ValueError, match="unknown task 'depth'"):
     pipeline.make_train_dataset('depth', seg, image_size=8, batch_size=1, seed=0)
+  with pytest.raises(ValueError, match='batch_size must be a positive int, got 0'):
+    pipeline.make_eval_batches('seg', seg, image_size=8, batch_size=0)
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

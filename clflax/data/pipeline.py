@@ -33,9 +33,12 @@ TASKS = sources.TASKS
 MIN_AREA = {'seg': 0.3, 'det': 0.3, 'cls': 0.25}  # Smallest crop, as a fraction of the image area.
 
 
-def _check_task(task: str) -> None:
+def _check(task: str, **sizes: int) -> None:
   if task not in TASKS:
     raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+  for name, value in sizes.items():
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -122,7 +125,7 @@ def make_train_dataset(task: str, source: Sequence[Any], *, image_size: int, bat
                        min_area: float | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> grain.MapDataset:
   """Infinite MapDataset of this process's training batches: `ds[step]` is the batch of step."""
-  _check_task(task)
+  _check(task, image_size=image_size, batch_size=batch_size, max_boxes=max_boxes)
   if not 0 <= seed < 2**32:
     raise ValueError(f'seed must be in [0, 2**32), got {seed}')
   if task == 'det':
@@ -157,7 +160,7 @@ def make_eval_batches(task: str, source: Sequence[Any], *, image_size: int, batc
   Every process gets the same number of batches (a collective eval step needs that); padding
   rows repeat a real example with valid=False. `max_examples` > 0 keeps the first ones.
   """
-  _check_task(task)
+  _check(task, image_size=image_size, batch_size=batch_size, max_boxes=max_boxes)
   index, count = _process(process_index, process_count)
   total = min(len(source), max_examples) if max_examples else len(source)
   if not total:
@@ -187,7 +190,7 @@ def sample_examples(task: str, source: Sequence[Any], n: int, seed: int, image_s
 
   class_balanced (cls only) takes n // C of every class (the remainder from random classes).
   """
-  _check_task(task)
+  _check(task, image_size=image_size, max_boxes=max_boxes)
   raw = undecoded(source)
   rng = np.random.default_rng(seed)
   if not 0 < n <= len(raw):
