@@ -1,0 +1,159 @@
+"""EfficientNet: depthwise implementations, architecture sizes, features, drop-connect."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clflax.models import efficientnet as E
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _depthwise_numpy(x, kernel, stride):
+  """Brute force: every output pixel is a k x k window dot the channel's kernel (TF SAME pads)."""
+  b, h, w, c = x.shape
+  k = kernel.shape[0]
+  oh, ow = -(-h // stride), -(-w // stride)
+  pad_h = max((oh - 1) * stride + k - h, 0)
+  pad_w = max((ow - 1) * stride + k - w, 0)
+  xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+  out = np.zeros((b, oh, ow, c), np.float64)
+  for i in range(oh):
+    for j in range(ow):
+      win = xp[:, i * stride:i * stride + k, j * stride:j * stride + k, :]
+      out[:, i, j, :] = np.einsum('bhwc,hwc->bc', win, kernel[:, :, 0, :])
+  return out
+
+
+CASES = [(k, s) for k in (3, 5) for s in (1, 2)]
+
+
+@pytest.fixture(scope='module')
+def depthwise_results():
+  """Outputs and (input, kernel) gradients of both implementations, all cases in one jit."""
+  rng = np.random.default_rng(0)
+  data = {}
+  for k, s in CASES:
+    x = rng.normal(size=(2, 9, 8, 5)).astype(np.float32)  # Odd and even sides: both pad cases.
+    kernel = rng.normal(size=(k, k, 1, 5)).astype(np.float32)
+    cot = rng.normal(size=(2, -(-9 // s), -(-8 // s), 5)).astype(np.float32)
+    data[(k, s)] = (x, kernel, cot)
+
+  @jax.jit
+  def run(data):
+    res = {}
+    for (k, s), (x, kernel, cot) in data.items():
+      for impl in ('xla', 'shifted'):
+        f = lambda a, b, impl=impl, s=s: E.depthwise_conv(a, b, s, impl)
+        grads = jax.grad(lambda a, b, f=f, cot=cot: jnp.sum(f(a, b) * cot), argnums=(0, 1))(x, kernel)
+        res[(k, s, impl)] = (f(x, kernel),) + grads
+    return res
+
+  out = run(data)
+  return data, {key: tuple(np.asarray(a) for a in value) for key, value in out.items()}
+
+
+@pytest.mark.parametrize('kernel_size,stride', CASES)
+def test_depthwise_impls_agree_with_brute_force_and_each_other(depthwise_results, kernel_size, stride):
+  data, res = depthwise_results
+  x, kernel, cot = (a.astype(np.float64) for a in data[(kernel_size, stride)])
+  xla, shifted = res[(kernel_size, stride, 'xla')], res[(kernel_size, stride, 'shifted')]
+  ref = _depthwise_numpy(x, kernel, stride)
+  np.testing.assert_allclose(xla[0], ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(shifted[0], ref, rtol=1e-4, atol=1e-4)
+  for a, b in zip(xla[1:], shifted[1:]):  # Input and kernel gradients.
+    assert a.shape == b.shape
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+  # The kernel gradient of a linear map: the cotangent dotted with each basis kernel's output.
+  gk = np.zeros(kernel.shape)
+  for dy in range(kernel_size):
+    for dx in range(kernel_size):
+      basis = np.zeros_like(kernel)
+      basis[dy, dx, 0, :] = 1.0
+      gk[dy, dx, 0, :] = np.einsum('bhwc,bhwc->c', _depthwise_numpy(x, basis, stride), cot)
+  np.testing.assert_allclose(shifted[2], gk, rtol=1e-4, atol=1e-3)
+
+
+def test_depthwise_auto_and_bad_impl():
+  assert E.resolve_depthwise('auto') == ('shifted' if jax.default_backend() == 'cpu' else 'xla')
+  with pytest.raises(ValueError, match='depthwise'):
+    E.resolve_depthwise('fast')
+  with pytest.raises(ValueError, match='channels'):
+    E.depthwise_conv(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 1, 4)))
+
+
+def test_round_filters_matches_the_reference_widths():
+  # Published channel counts: B7 stem 64, head 2560; B4 stage outputs 24/32/56/112/160/272/448.
+  assert E.round_filters(32, 2.0) == 64 and E.round_filters(1280, 2.0) == 2560
+  assert [E.round_filters(c, 1.4) for c in (16, 24, 40, 80, 112, 192, 320)] == [24, 32, 56, 112, 160, 272, 448]
+  assert E.round_repeats(3, 1.8) == 6 and E.round_repeats(1, 3.1) == 4
+
+
+@pytest.mark.parametrize('variant,expected', [('b3', 12_233_232), ('lite4', 13_006_568)])
+def test_imagenet_param_counts(variant, expected):
+  # B3: the torchvision / paper count; Lite4: the TF-Hub model's trainable parameters.
+  # (B0 and Lite0 are checked in test_models_multitask, Lite0 also against the .pth.)
+  model = E.EfficientNet(variant, include_top=True)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  assert _count(shapes['params']) == expected
+
+
+def test_lite_specifics():
+  lite, b0 = E.variant_spec('lite3'), E.variant_spec('b3')
+  assert lite.stem_ch == 32 and lite.head_ch == 1280  # Not scaled in Lite.
+  assert b0.stem_ch == 40 and b0.head_ch == 1536
+  assert lite.stages[0].repeats == 1 and lite.stages[-1].repeats == 1
+  assert b0.stages[-1].repeats == 2
+  assert all(s.se_ratio == 0 for s in lite.stages) and all(s.se_ratio == 0.25 for s in b0.stages)
+  with pytest.raises(ValueError, match='unknown EfficientNet variant'):
+    E.variant_spec('b9')
+
+
+def test_normalize():
+  x = np.array([[[[0, 127, 255]]]], np.uint8)
+  np.testing.assert_allclose(np.asarray(E.normalize(x, 'lite0')), [[[[-127 / 128, 0, 1]]]], rtol=1e-6)
+  mean, std = np.array([0.485, 0.456, 0.406]) * 255, np.array([0.229, 0.224, 0.225]) * 255
+  np.testing.assert_allclose(np.asarray(E.normalize(x, 'b0')), (x - mean) / std, rtol=1e-5)
+
+
+def test_tiny_features_strides_and_train_mode():
+  model = E.EfficientNet('tiny')
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 96, 3)), jnp.float32)
+  variables = jax.jit(lambda xx: model.init(jax.random.PRNGKey(0), xx, train=False))(x)
+
+  @jax.jit
+  def run(v, xx):
+    feats = model.apply(v, xx, train=False)
+    _, updates = model.apply(v, xx, train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(1)})
+    return feats, updates
+
+  feats, updates = run(variables, x)
+  assert {s: f.shape[1:3] for s, f in feats.items()} == {4: (16, 24), 8: (8, 12), 16: (4, 6), 32: (2, 3)}
+  assert feats[32].shape[-1] == E.variant_spec('tiny').head_ch
+  before = jax.tree_util.tree_leaves(variables['batch_stats'])
+  after = jax.tree_util.tree_leaves(updates['batch_stats'])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))  # Running stats moved.
+  with pytest.raises(ValueError, match=r'\[B, H, W, 3\]'):
+    model.apply(variables, x[..., :1], train=False)
+
+
+def test_drop_connect_drops_the_whole_branch_per_example():
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(64, 6, 6, 8)), jnp.float32)
+  block = lambda rate: E.MBConv(3, 1, 3, 8, se_ch=2, lite=False, drop_rate=rate)
+  variables = jax.jit(lambda xx: block(0.0).init(jax.random.PRNGKey(0), xx, train=False))(x)
+
+  @jax.jit
+  def run(v, xx):
+    kw = dict(train=True, mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(3)})
+    return (block(0.0).apply(v, xx, **kw)[0], block(0.5).apply(v, xx, **kw)[0],
+            block(0.0).apply(v, xx, train=False), block(0.5).apply(v, xx, train=False))
+
+  full, dropped, eval0, eval5 = run(variables, x)
+  branch, got = np.asarray(full - x), np.asarray(dropped - x)
+  kept = np.array([np.allclose(g, 2 * b, atol=1e-5) for g, b in zip(got, branch)])
+  zero = np.array([np.allclose(g, 0, atol=1e-6) for g in got])
+  assert np.all(kept ^ zero)  # Each example: branch scaled by 1/keep, or gone.
+  assert 16 < kept.sum() < 48
+  np.testing.assert_allclose(np.asarray(eval5), np.asarray(eval0), rtol=1e-6)
