@@ -1,0 +1,155 @@
+"""TA-A-GEM clustering memory against a plain-Python run of the same procedure."""
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clflax.strategies import tagem
+
+POOLS, Q, P = 3, 3, 2
+
+
+class _Reference:
+  """Lists of FIFO clusters per pool, nearest mean in float64 (the paper's rule)."""
+
+  def __init__(self):
+    self.pools = collections.defaultdict(list)  # label -> [deque of (id, x)].
+
+  def insert(self, ident, x, label):
+    if not 0 <= label < POOLS:
+      return
+    clusters = self.pools[label]
+    if len(clusters) < Q:
+      clusters.append(collections.deque([(ident, x)]))
+      return
+    means = [np.mean([m for _, m in c], axis=0) for c in clusters]
+    best = int(np.argmin([np.sum((x - m) ** 2) for m in means]))
+    clusters[best].append((ident, x))
+    if len(clusters[best]) > P:
+      clusters[best].popleft()  # Oldest member out.
+
+
+def _stream(n, seed):
+  """2-D points around 5 centres per label; a few labels out of range."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, POOLS, size=n)
+  labels[::17] = POOLS  # Skipped: no such pool.
+  centres = rng.normal(scale=4.0, size=(POOLS + 1, 5, 2))
+  which = rng.integers(0, 5, size=n)
+  x = centres[labels, which] + 0.3 * rng.normal(size=(n, 2))
+  return x.astype(np.float32), labels.astype(np.int32)
+
+
+@jax.jit
+def _run(memory, xs, ids, labels):
+  def step(mem, inputs):
+    x, ident, label = inputs
+    return tagem.insert(mem, {'x': x, 'id': ident}, label, feature=x), None
+  memory, _ = jax.lax.scan(step, memory, (xs, ids, labels))
+  return memory
+
+
+def _example():
+  return {'x': jnp.zeros((2,), jnp.float32), 'id': jnp.zeros((), jnp.int32)}
+
+
+def test_online_clustering_matches_python_reference():
+  n = 80
+  xs, labels = _stream(n, seed=0)
+  ids = np.arange(n, dtype=np.int32)
+  memory = _run(tagem.init(POOLS, Q, P, _example(), feature_dim=2), xs, ids,
+                labels)
+  ref = _Reference()
+  for i in range(n):
+    ref.insert(i, xs[i].astype(np.float64), labels[i])
+
+  assert int(memory.seen) == n
+  written = np.asarray(memory.written)
+  stored = np.asarray(memory.data['id'])
+  evictions = 0
+  for pool in range(POOLS):
+    clusters = ref.pools[pool]
+    assert int(memory.clusters[pool]) == len(clusters)
+    for c, members in enumerate(clusters):
+      count = min(written[pool, c], P)
+      evictions += max(written[pool, c] - P, 0)
+      assert sorted(stored[pool, c, :count]) == sorted(i for i, _ in members)
+      np.testing.assert_allclose(
+          tagem.centroids(memory)[pool, c],
+          np.mean([x for _, x in members], axis=0), rtol=1e-5, atol=1e-5)
+  assert evictions > 10  # The FIFO rule was exercised.
+  assert int(tagem.size(memory)) == sum(
+      len(c) for cs in ref.pools.values() for c in cs)
+
+
+def test_default_feature_is_the_flattened_example():
+  xs, labels = _stream(30, seed=1)
+  memory = tagem.init(POOLS, Q, P, {'x': jnp.zeros((2,))})
+  explicit = memory
+  insert = jax.jit(tagem.insert)
+  for x, label in zip(xs, labels):
+    memory = insert(memory, {'x': x}, label)
+    explicit = insert(explicit, {'x': x}, label, x)
+  np.testing.assert_array_equal(memory.data['x'], explicit.data['x'])
+  np.testing.assert_array_equal(memory.written, explicit.written)
+
+
+def test_add_picks_one_valid_example_uniformly():
+  example = {'id': jnp.zeros((), jnp.int32)}
+  batch = {'id': jnp.arange(4, dtype=jnp.int32)}
+  labels = jnp.zeros(4, jnp.int32)
+  valid = jnp.array([True, False, True, True])
+
+  def picked(key):
+    mem = tagem.add(tagem.init(1, 1, 1, example), batch, labels, key,
+                    valid=valid)
+    return mem.data['id'][0, 0, 0], tagem.size(mem)
+  ids, sizes = jax.jit(jax.vmap(picked))(jax.random.split(jax.random.key(0),
+                                                          3000))
+  assert np.all(sizes == 1)
+  counts = np.bincount(np.asarray(ids), minlength=4)
+  assert counts[1] == 0
+  # Chi-square, 2 degrees of freedom, 0.999 quantile 13.82.
+  expected = 1000.0
+  assert np.sum((counts[[0, 2, 3]] - expected) ** 2 / expected) < 13.82
+
+  none = tagem.add(tagem.init(1, 1, 1, example), batch, labels,
+                   jax.random.key(1), valid=jnp.zeros(4, bool))
+  assert int(tagem.size(none)) == 0 and int(none.seen) == 1
+
+
+def test_sample_draws_stored_examples_with_their_pools():
+  n = 40
+  xs, labels = _stream(n, seed=2)
+  memory = _run(tagem.init(POOLS, Q, P, _example(), feature_dim=2), xs,
+                np.arange(n, dtype=np.int32), labels)
+  stored = int(tagem.size(memory))
+  sample = jax.jit(tagem.sample, static_argnums=2)
+  batch, pools = sample(memory, jax.random.key(0), stored)
+  ids = np.asarray(batch['id'])
+  assert len(set(ids.tolist())) == stored  # All of them, no repeats.
+  np.testing.assert_array_equal(np.asarray(pools), labels[ids])
+  np.testing.assert_array_equal(np.asarray(batch['x']), xs[ids])
+  # More than stored: with replacement, still only stored examples.
+  batch, _ = sample(memory, jax.random.key(1), 2 * POOLS * Q * P)
+  valid_ids = set(np.asarray(memory.data['id']).reshape(-1)[
+      np.asarray(tagem.valid_slots(memory))].tolist())
+  assert set(np.asarray(batch['id']).tolist()) <= valid_ids
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match='Q must be a positive int'):
+    tagem.init(2, 0, 3, _example())
+  memory = tagem.init(2, 2, 2, _example(), feature_dim=2)
+  with pytest.raises(ValueError, match='feature must have shape'):
+    tagem.insert(memory, {'x': jnp.ones(2), 'id': jnp.int32(0)}, 0,
+                 jnp.ones(3))
+  with pytest.raises(ValueError, match='does not match the memory example'):
+    tagem.insert(memory, {'x': jnp.ones(3), 'id': jnp.int32(0)}, 0)
+  with pytest.raises(ValueError, match='labels must be'):
+    tagem.add(memory, {'x': jnp.ones((4, 2)), 'id': jnp.zeros(4, jnp.int32)},
+              jnp.zeros(3, jnp.int32), jax.random.key(0))
+  with pytest.raises(ValueError, match='n must be a positive int'):
+    tagem.sample(memory, jax.random.key(0), 0)
