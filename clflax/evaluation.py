@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from clflax import metrics
+from clflax import plots as plotting  # (`plots` below is the plot folder)
 from clflax import report
 from clflax import tasks
 from clflax import workdirs
@@ -90,12 +91,12 @@ def write_reports(run, results: dict) -> None:
   plots = os.path.join(workdir, 'plots')
   os.makedirs(plots, exist_ok=True)
   titles = results['stage_titles']
-  report.plot_loss_curves(os.path.join(plots, 'loss_curves.png'),
-                          {tasks.TITLES[t]: tuple(np.asarray(c).T) for t, c in results['curves'].items() if c})
-  report.plot_matrix(os.path.join(plots, 'headline_matrix.png'), np.asarray(results['headline']),
-                     [f'after {t}' for t in titles], titles, 'Score of each task after each stage (headline metric)')
-  report.plot_evolution(os.path.join(plots, 'evolution.png'),
-                        {tasks.HEADLINE[t]: np.asarray(results['metrics'][tasks.HEADLINE[t]]) for t in results['stages']},
-                        titles)
+  plotting.plot_loss_curves(os.path.join(plots, 'loss_curves.png'),
+                            {tasks.TITLES[t]: tuple(np.asarray(c).T) for t, c in results['curves'].items() if c})
+  plotting.plot_matrix(os.path.join(plots, 'headline_matrix.png'), np.asarray(results['headline']),
+                       [f'after {t}' for t in titles], titles, 'Score of each task after each stage (headline metric)')
+  plotting.plot_evolution(os.path.join(plots, 'evolution.png'),
+                          {tasks.HEADLINE[t]: np.asarray(results['metrics'][tasks.HEADLINE[t]])
+                           for t in results['stages']}, titles)
   report.write_results(workdir, results)
   report.write_summary(workdir, results)

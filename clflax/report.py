@@ -3,7 +3,7 @@
 Task and metric names are data: tables come from `results["stages"]`, the matrices in `results["metrics"]` and a
 task -> headline metric mapping (`results["task_metrics"]`, else `DEFAULT_TASK_METRICS`, else 'acc'), so the
 3-stage VOC/COCO/Imagenette run and 17-task MNIST protocols share this code. Matrices are in percent.
-Plots draw on `matplotlib.figure.Figure` directly (Agg canvas): no pyplot global state, no display needed.
+The PNG plots live in clflax/plots.py (`report.plot_*` and `report.write_plots` still resolve to them).
 """
 import json
 import math
@@ -341,137 +341,12 @@ def render_summary(results: Mapping[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ plots
 
-
-def _figure(width: float, height: float):
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  return Figure(figsize=(width, height), dpi=120)
+_PLOTS = ("plot_loss_curves", "plot_matrix", "plot_evolution", "write_plots")
 
 
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, bbox_inches="tight")  # Figure.savefig draws on the Agg canvas for .png
-  return path
-
-
-def _colors(n: int):
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  cmap = colormaps["tab10" if n <= 10 else "tab20"]
-  return [cmap(i % cmap.N) for i in range(n)]
-
-
-def plot_loss_curves(path: str, curves: Mapping[str, Tuple[Sequence[float], Sequence[float]]],
-                     title: str = "Training loss per stage", ylabel: str = "loss") -> str:
-  """One line per stage (steps, losses); log scale when the losses span more than two decades."""
-  if not curves:
-    raise ValueError("no loss curves to plot")
-  fig = _figure(8, 4.5)
-  ax = fig.add_subplot()
-  all_losses = []
-  for (stage, (steps, losses)), color in zip(curves.items(), _colors(len(curves))):
-    steps, losses = np.asarray(steps, np.float64), np.asarray(losses, np.float64)
-    if steps.shape != losses.shape:
-      raise ValueError(f"stage '{stage}': {steps.size} steps but {losses.size} losses")
-    ax.plot(steps, losses, color=color, linewidth=1.2, label=stage)
-    all_losses.append(losses[np.isfinite(losses)])
-  finite = np.concatenate(all_losses)
-  log = finite.size and finite.min() > 0 and finite.max() / finite.min() > 100
-  if log:
-    ax.set_yscale("log")
-  ax.set(title=title, xlabel="training step", ylabel=f"{ylabel} (log scale)" if log else ylabel)
-  ax.grid(alpha=0.3)
-  ax.legend(title="stage", fontsize="small", ncol=1 if len(curves) <= 10 else 2,
-            loc="upper left", bbox_to_anchor=(1.01, 1.0))
-  return _save(fig, path)
-
-
-def plot_matrix(path: str, matrix, row_labels: Sequence[str], col_labels: Sequence[str], title: str,
-                unit: str = "%", xlabel: str = "evaluated task", ylabel: str = "after training stage") -> str:
-  """Annotated heatmap of a score matrix (NaN cells grey, 'n/a')."""
-  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
-  m = np.asarray(matrix, np.float64)
-  if m.ndim != 2 or m.shape != (len(row_labels), len(col_labels)):
-    raise ValueError(f"matrix of shape {m.shape} does not match {len(row_labels)} row and "
-                     f"{len(col_labels)} column labels")
-  rows, cols = m.shape
-  fig = _figure(max(4.5, 0.6 * cols + 2.5), max(3.5, 0.45 * rows + 1.8))
-  ax = fig.add_subplot()
-  cmap = colormaps["viridis"].with_extremes(bad="0.85")
-  finite = m[np.isfinite(m)]
-  vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-  if unit == "%":  # one fixed scale, so that close scores do not look far apart
-    vmin, vmax = min(vmin, 0.0), max(vmax, 100.0)
-  image = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-9), aspect="auto")
-  fig.colorbar(image, ax=ax, label=f"score ({unit})")
-  size = max(5.0, min(10.0, 110.0 / max(rows, cols)))
-  for i in range(rows):
-    for j in range(cols):
-      v = m[i, j]
-      dark = not np.isfinite(v) or image.norm(v) > 0.6  # viridis is light at the top
-      ax.text(j, i, _fmt(v) if np.isfinite(v) else "n/a", ha="center", va="center", fontsize=size,
-              color="black" if dark else "white")
-  long_labels = cols > 6 or max(len(str(c)) for c in col_labels) > 8
-  ax.set_xticks(range(cols), labels=[str(c) for c in col_labels], rotation=45 if long_labels else 0,
-                ha="right" if long_labels else "center", fontsize=size + 1)
-  ax.set_yticks(range(rows), labels=[str(r) for r in row_labels], fontsize=size + 1)
-  ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-  return _save(fig, path)
-
-
-def plot_evolution(path: str, matrices: Mapping[str, Any], task_names: Sequence[str],
-                   stage_labels: Optional[Sequence[str]] = None, unit: str = "%") -> str:
-  """Each task's score after every stage, one panel per metric; dotted before the task's own stage."""
-  if not matrices:
-    raise ValueError("no matrices to plot")
-  t = len(task_names)
-  stage_labels = list(stage_labels or task_names)
-  n = len(matrices)
-  ncols = min(n, 3)
-  nrows = math.ceil(n / ncols)
-  fig = _figure(max(5.0, 4.6 * ncols) + (2.2 if t > 10 else 1.2), 3.8 * nrows)
-  colors = _colors(t)
-  handles = []
-  for k, (metric, matrix) in enumerate(matrices.items()):
-    m = np.asarray(matrix, np.float64)
-    if m.shape != (len(stage_labels), t):
-      raise ValueError(f"'{metric}' matrix of shape {m.shape}, expected ({len(stage_labels)}, {t})")
-    ax = fig.add_subplot(nrows, ncols, k + 1)
-    x = np.arange(m.shape[0])
-    for j in range(t):
-      learned = x >= j
-      ax.plot(x[: j + 1], m[: j + 1, j], color=colors[j], linestyle=":", linewidth=1, alpha=0.7)
-      line, = ax.plot(x[learned], m[learned, j], color=colors[j], marker="o", markersize=3, linewidth=1.4,
-                      label=task_names[j])
-      if k == 0:
-        handles.append(line)
-    rotate = len(stage_labels) > 6 or max(len(s) for s in stage_labels) > 8
-    ax.set_xticks(x, labels=stage_labels, rotation=45 if rotate else 0, ha="right" if rotate else "center",
-                  fontsize="small")
-    ax.set(title=metric_label(metric), xlabel="after training stage", ylabel=f"{metric_label(metric)} ({unit})")
-    ax.grid(alpha=0.3)
-  fig.suptitle("Score of each task across training stages (dotted: before its own stage)")
-  fig.legend(handles=handles, title="task", loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small",
-             ncol=1 if t <= 12 else 2)
-  fig.tight_layout()
-  return _save(fig, path)
-
-
-def write_plots(workdir: str, results: Mapping[str, Any],
-                curves: Optional[Mapping[str, Tuple[Sequence[float], Sequence[float]]]] = None) -> list:
-  """workdir/plots/: matrix_headline.png (each task's headline metric), matrix_<metric>.png for metrics that
-  several tasks share, evolution.png (headline metrics), and loss_curves.png when curves are given."""
-  validate_results(results)
-  stages, plots = list(results["stages"]), os.path.join(workdir, "plots")
-  rows = [f"after {s}" for s in stages]
-  v = _view(results)
-  names = v.names
-  paths = [plot_matrix(os.path.join(plots, "matrix_headline.png"), v.r, rows, stages,
-                       f"{v.headline} of each task after each stage")]
-  for m, matrix in results["metrics"].items():
-    if np.sum(np.isfinite(np.asarray(matrix, np.float64)).any(axis=0)) > 1 and any(n != m for n in names):
-      paths.append(plot_matrix(os.path.join(plots, f"matrix_{m}.png"), matrix, rows, stages,
-                               f"{metric_label(m)} of each task after each stage"))
-  paths.append(plot_evolution(os.path.join(plots, "evolution.png"),
-                              {m: results["metrics"][m] for m in dict.fromkeys(names)}, stages))
-  if curves:
-    paths.append(plot_loss_curves(os.path.join(plots, "loss_curves.png"), curves))
-  return paths
+def __getattr__(name):
+  """The plots moved to clflax.plots (which imports this module); `report.plot_*` keeps working."""
+  if name in _PLOTS:
+    from clflax import plots  # pylint: disable=g-import-not-at-top
+    return getattr(plots, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
