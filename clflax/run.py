@@ -1,5 +1,6 @@
 """The command-line entry behind launch.py: validate, pick the workdir, train; user errors in one line."""
 import logging
+import os
 import sys
 
 import jax
@@ -25,6 +26,13 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
   for handler in logging.getLogger().handlers + logging.getLogger('absl').handlers:
     handler.addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)  # No 'libtpu not found' noise on CPU.
+  # Compiled steps are cached across runs and resumes (set CLFLAX_COMPILATION_CACHE='' to disable).
+  cache = os.environ.get('CLFLAX_COMPILATION_CACHE', os.path.expanduser('~/.cache/clflax/xla'))
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if config.get('fast_compile'):
+    jax.config.update('jax_disable_most_optimizations', True)
   try:
     configuration.maybe_initialize_distributed(config)
     configuration.validate(config, num_devices=jax.device_count())

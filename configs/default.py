@@ -18,6 +18,8 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0  # One seed drives init, data order, augmentation, memories and dropout.
   config.tasks = ('seg', 'det', 'cls')  # Stage order; each name is a head of MultiTaskNet.
+  # Compile with most XLA optimisations off: tiny models compile several times faster (big models run slower).
+  config.fast_compile = False
   # Root folder of the datasets; '' uses the small real sample shipped inside the package.
   config.data_dir = ''
 
@@ -75,6 +77,11 @@ def get_config(arg=None):
   config.distributed.num_processes = 0  # 0 = auto-detect.
   config.distributed.process_id = -1  # -1 = auto-detect.
 
+  config.tracking = ml_collections.ConfigDict()
+  config.tracking.mlflow = False  # Also log params, scalars, stage metrics and artifacts to MLflow (optional dep).
+  config.tracking.mlflow_uri = ''  # MLflow tracking URI; '' = file:<workdir>/mlruns.
+  config.tracking.experiment = 'clflax'  # MLflow experiment name.
+
   config.eval = ml_collections.ConfigDict()
   config.eval.criterion_tolerance = 5.0  # Seed criterion: final score >= own-stage baseline - this many points.
   config.eval.max_examples = 0  # 0 = the whole validation split; >0 caps it (smoke runs).
@@ -88,6 +95,7 @@ def get_config(arg=None):
 
 def apply_smoke(config):
   """Tiny model, 64 px, a few steps per stage: a full pipeline run in about a minute on CPU."""
+  config.fast_compile = True
   config.model.backbone = 'tiny'
   config.model.pretrained = ''
   config.model.image_size = 64
