@@ -23,6 +23,7 @@ from clflax import report
 
 SUMMARY = (("acc", "ACC", True), ("bwt", "BWT", True), ("forgetting", "Forgetting", False), ("fwt", "FWT", True))
 _RUN_MARKERS = ("results.json", "config.json", "checkpoints")
+MAX_TASK_COLUMNS = 6  # longer task sequences (17 permuted-MNIST tasks) keep per-task finals out of the table
 
 
 class Run(NamedTuple):
@@ -190,7 +191,7 @@ def aggregate(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list:
       entry = {"name": name, "runs": [r.path for r in rs], "seeds": seeds, "n": len(rs),
                "final": {task: stats(matrices[:, -1, j]) for j, task in enumerate(stages)},
                **{key: stats([r.summary.get(key) for r in rs]) for key, _, _ in SUMMARY},
-               "passed": sum(r.passed is True for r in rs),
+               "passed": sum(r.passed is True for r in rs), "judged": sum(r.passed is not None for r in rs),
                "matrix_mean": _cellwise(matrices, "mean"), "matrix_std": _cellwise(matrices, "std"),
                "differ_in": _differing([r.config for r in rs], ["seed", *group_by]),
                "duplicate_seeds": sorted({s for s in seeds if seeds.count(s) > 1}, key=str)}
@@ -220,13 +221,13 @@ def render_markdown(benchmarks: Sequence[Mapping[str, Any]], notes: Sequence[str
   n = sum(g["n"] for b in benchmarks for g in b["groups"])
   by = " + ".join(["strategy"] + list(group_by))
   out = [f"# Comparison of {n} run{'s' * (n != 1)}", "",
-         f"Grouped by {by}; mean ± sample std (n − 1) over each group's runs; scores in %, BWT / forgetting / FWT in "
-         "points. Best mean per column in bold. Final: each task's headline score after the last stage.", ""]
+         f"Grouped by {by}; mean ± sample std (n − 1) over each group's runs; scores in %, BWT / forgetting / FWT "
+         "in points. Best mean per column in bold. Final: each task's headline score after the last stage.", ""]
   for b in benchmarks:
     groups, stages = b["groups"], b["stages"]
     keys = [k for k in SUMMARY if any(g[k[0]]["mean"] is not None for g in groups)]
     columns = [(f"{t} {report.metric_label(m)} (%)", (lambda g, t=t: g["final"][t]), True, False)
-               for t, m in zip(stages, b["metrics"])]
+               for t, m in zip(stages, b["metrics"])] if len(stages) <= MAX_TASK_COLUMNS else []
     columns += [(label, (lambda g, k=k: g[k]), higher, k in ("bwt", "fwt")) for k, label, higher in keys]
     header = ["Group", "n", "Seeds"] + [c[0] for c in columns] + ["Criterion passed"]
     rows = []
@@ -235,16 +236,20 @@ def render_markdown(benchmarks: Sequence[Mapping[str, Any]], notes: Sequence[str
       for _, get, higher, signed in columns:
         text, best = _pm(get(g), signed), _best(groups, get, higher)
         cells.append(f"**{text}**" if best is not None and get(g)["mean"] == best else text)
-      rows.append([g["name"], str(g["n"]), ", ".join(map(str, g["seeds"]))] + cells + [f"{g['passed']}/{g['n']}"])
+      judged = f"{g['passed']}/{g['judged']}" if g["judged"] else "n/a"
+      rows.append([g["name"], str(g["n"]), ", ".join(map(str, g["seeds"]))] + cells + [judged])
     out += [f"## {' → '.join(stages)}", ""] + report._table(header, rows, "lrl" + "r" * (len(columns) + 1)) + [""]
+    if len(stages) > MAX_TASK_COLUMNS:
+      out += [f"{len(stages)} tasks: each task's final score is in compare.json and the final_scores plot.", ""]
   notes = list(notes)
   for b in benchmarks:
     for g in b["groups"]:
       if g["differ_in"]:
         shown = ", ".join(g["differ_in"][:6]) + (", …" if len(g["differ_in"]) > 6 else "")
         notes.append(f"Runs of '{g['name']}' differ in {shown} (averaged together; --group-by splits them).")
-      if g["duplicate_seeds"]:
-        notes.append(f"'{g['name']}' has several runs with seed {', '.join(map(str, g['duplicate_seeds']))}.")
+      for seed in g["duplicate_seeds"]:
+        same = [p for p, s in zip(g["runs"], g["seeds"]) if s == seed]
+        notes.append(f"'{g['name']}' has {len(same)} runs with seed {seed}: {', '.join(f'`{p}`' for p in same)}.")
   if len(benchmarks) > 1:
     notes.append(f"{len(benchmarks)} different task sequences: compared separately.")
   if notes:
@@ -275,7 +280,7 @@ def write_plots(benchmarks: Sequence[Mapping[str, Any]], out: str) -> list:
         "ACC (%); BWT, forgetting, FWT (points)", unit=""))
     paths.append(plots.plot_matrices(
         os.path.join(out, f"matrices{suffix}.png"), {f"{g['name']} (n={g['n']})": g["matrix_mean"] for g in groups},
-        [f"after {s}" for s in stages], stages, "Mean headline score of each task after each stage"))
+        [f"after {s}" for s in stages], tasks, "Mean headline score of each task after each stage"))
     paths.append(plots.plot_group_evolution(
         os.path.join(out, f"evolution{suffix}.png"), {g["name"]: (g["matrix_mean"], g["matrix_std"]) for g in groups},
         tasks, [f"{report.metric_label(m)} (%)" for m in names], stages))
@@ -311,7 +316,7 @@ def compare(patterns: Sequence[str], out: str = "comparison", group_by: Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m clflax.compare", description=__doc__.split("\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m clflax.compare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("paths", nargs="+", help="workdirs, globs, folders of workdirs or results.json files")
   parser.add_argument("--group-by", default="", help="comma-separated config keys that also split groups, "

@@ -17,7 +17,7 @@ Curves = Mapping[str, Tuple[Sequence[float], Sequence[float]]]
 
 def _figure(width: float, height: float):
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  return Figure(figsize=(width, height), dpi=120)
+  return Figure(figsize=(width, height), dpi=120, layout="constrained")  # makes room for titles and labels
 
 
 def _save(fig, path: str) -> str:
@@ -80,7 +80,6 @@ def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per 
       ax.set_ylabel(f"{ylabel} (log scale)" if log else ylabel)
       ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
     return _save(fig, path)
   fig = _figure(9, 4.5)
   ax = fig.add_subplot()
@@ -103,14 +102,14 @@ def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per 
   return _save(fig, path)
 
 
-def _heatmap(ax, m: np.ndarray, row_labels, col_labels, vmin: float, vmax: float):
-  """Annotated heatmap on `ax` (NaN cells grey, 'n/a'); returns the image for a colorbar."""
+def _heatmap(ax, m: np.ndarray, row_labels, col_labels, vmin: float, vmax: float, annotate: bool = True):
+  """Heatmap on `ax`, numbers in the cells (NaN cells grey, 'n/a'); returns the image for a colorbar."""
   from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
   rows, cols = m.shape
   image = ax.imshow(np.ma.masked_invalid(m), cmap=colormaps["viridis"].with_extremes(bad="0.85"), vmin=vmin,
                     vmax=max(vmax, vmin + 1e-9), aspect="auto")
   size = max(5.0, min(10.0, 110.0 / max(rows, cols)))
-  for i in range(rows):
+  for i in range(rows if annotate else 0):
     for j in range(cols):
       v = m[i, j]
       dark = not np.isfinite(v) or image.norm(v) > 0.6  # viridis is light at the top
@@ -176,6 +175,9 @@ def plot_evolution(path: str, matrices: Mapping[str, Any], task_names: Sequence[
     for j, column, label in lines:
       ax.plot(x[: j + 1], column[: j + 1], color=colors[j], linestyle=":", linewidth=1, alpha=0.7)
       ax.plot(x[j:], column[j:], color=colors[j], marker="o", markersize=3, linewidth=1.4, label=_wrap(label, 28))
+    if len(lines) > 6 and len({j for j, _, _ in lines}) == len(lines):  # many lines: show their trend too
+      learned = np.array([[column[i] if j <= i else np.nan for j, column, _ in lines] for i in range(len(x))])
+      ax.plot(x, np.nanmean(learned, axis=1), color="black", linewidth=2.5, label="mean of learned tasks")
     _ticks(ax, [f"after {s}" for s in stage_labels])
     ax.set(title=title, ylabel=ylabel)
     ax.grid(alpha=0.3)
@@ -183,7 +185,6 @@ def plot_evolution(path: str, matrices: Mapping[str, Any], task_names: Sequence[
       ax.legend(title="task", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                 ncol=1 if len(lines) <= 12 else 2)
   fig.suptitle("Score of each task across training stages (dotted: before its own stage)")
-  fig.tight_layout()
   return _save(fig, path)
 
 
@@ -221,7 +222,7 @@ def plot_group_bars(path: str, categories: Sequence[str], groups: Mapping[str, S
     raise ValueError("no groups or categories to plot")
   names, colors = list(groups), _colors(len(groups))
   width = 0.8 / len(names)
-  fig = _figure(max(5.5, 0.9 + len(categories) * (0.45 * len(names) + 0.6)), 4.2)
+  fig = _figure(min(16.0, max(5.5, 0.9 + len(categories) * (0.45 * len(names) + 0.6))), 4.2)
   ax = fig.add_subplot()
   for g, (name, color) in enumerate(zip(names, colors)):
     if len(groups[name]) != len(categories):
@@ -232,10 +233,9 @@ def plot_group_bars(path: str, categories: Sequence[str], groups: Mapping[str, S
       if not v.size:
         continue
       x = c - 0.4 + width * (g + 0.5)
-      std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
       ax.bar(x, v.mean(), width * 0.9, color=color, alpha=0.85, label=name,
-             yerr=std if v.size > 1 else None, capsize=3, error_kw={"linewidth": 1})
-      ax.plot(np.full(v.size, x), v, linestyle="none", marker="o", markersize=3, color="black", alpha=0.6)
+             yerr=np.std(v, ddof=1) if v.size > 1 else None, capsize=min(3.0, 30 * width), error_kw={"linewidth": 1})
+      ax.plot(np.full(v.size, x), v, linestyle="none", marker="o", markersize=2.5, color="black", alpha=0.6)
   ax.axhline(0.0, color="black", linewidth=0.8)
   _ticks(ax, categories)
   ax.set(title=title, ylabel=f"{ylabel} ({unit})" if unit else ylabel)
@@ -249,7 +249,8 @@ def plot_group_bars(path: str, categories: Sequence[str], groups: Mapping[str, S
 
 def plot_matrices(path: str, matrices: Mapping[str, Any], row_labels: Sequence[str], col_labels: Sequence[str],
                   title: str, unit: str = "%") -> str:
-  """Score-matrix heatmaps side by side (one per group) on one colour scale."""
+  """Score-matrix heatmaps side by side (one per group) on one colour scale; numbers written in the cells up to
+  10 tasks (beyond that the colour bar reads them)."""
   if not matrices:
     raise ValueError("no matrices to plot")
   ms = {name: np.asarray(m, np.float64) for name, m in matrices.items()}
@@ -258,60 +259,81 @@ def plot_matrices(path: str, matrices: Mapping[str, Any], row_labels: Sequence[s
       raise ValueError(f"'{name}' matrix of shape {m.shape} does not match {len(row_labels)} row and "
                        f"{len(col_labels)} column labels")
   vmin, vmax = _limits(np.concatenate([m.reshape(-1) for m in ms.values()]), unit)
-  n = len(ms)
-  ncols = min(n, 3)
+  rows, cols, n = len(row_labels), len(col_labels), len(ms)
+  annotate = cols <= 10
+  ncols = min(n, 3 if cols <= 6 else 2)
   nrows = math.ceil(n / ncols)
-  cell = max(0.75, min(1.2, 9.0 / len(col_labels)))
-  fig = _figure(ncols * (cell * len(col_labels) + 2.4) + 1.2, nrows * (0.5 * len(row_labels) + 2.2) + 0.5)
+  cell = 1.0 if cols <= 6 else 0.3
+  fig = _figure(ncols * (cell * cols + 1.8) + 1.8, nrows * (cell * 0.6 * rows + 1.6) + 0.6)
   axes = fig.subplots(nrows, ncols, squeeze=False)
   for k, (name, m) in enumerate(ms.items()):
     ax = axes[k // ncols, k % ncols]
-    image = _heatmap(ax, m, row_labels if k % ncols == 0 else [""] * len(row_labels), col_labels, vmin, vmax)
+    first = k % ncols == 0
+    image = _heatmap(ax, m, row_labels if first else [""] * rows, col_labels, vmin, vmax, annotate)
     ax.set_title(_wrap(name, 30))
     ax.set_xlabel("evaluated task")
-    if k % ncols == 0:
+    if first:
       ax.set_ylabel("after training stage")
   for k in range(n, nrows * ncols):
     axes[k // ncols, k % ncols].set_visible(False)
   fig.suptitle(title)
-  fig.tight_layout()
   fig.colorbar(image, ax=axes.ravel().tolist(), label=f"score ({unit})", shrink=0.9)
   return _save(fig, path)
 
 
 def plot_group_evolution(path: str, series: Mapping[str, Tuple[Any, Any]], task_names: Sequence[str],
                          ylabels: Sequence[str], stage_labels: Optional[Sequence[str]] = None) -> str:
-  """One panel per task: its score after each stage for each group (mean line, ± std band; dotted before the
-  task's own stage). `series[g]` = (mean, std) matrices [stage, task]."""
+  """Scores across stages per group, from `series[g]` = (mean, std) matrices [stage, task] over g's runs.
+
+  Up to 6 tasks: one panel per task, a line per group (± std band with up to 4 groups; dotted before the task's
+  own stage). More tasks: one panel, the mean score of the tasks learned so far after each stage."""
   if not series:
     raise ValueError("no groups to plot")
   t = len(task_names)
   stage_labels = list(stage_labels or task_names)
   if len(ylabels) != t:
     raise ValueError(f"{len(ylabels)} y labels for {t} tasks")
+  data = {}
+  for name, (mean, std) in series.items():
+    mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    if mean.shape != (len(stage_labels), t) or std.shape != mean.shape:
+      raise ValueError(f"group '{name}': mean/std of shapes {mean.shape}/{std.shape}, expected "
+                       f"({len(stage_labels)}, {t})")
+    data[name] = (mean, np.nan_to_num(std))
+  colors, x = _colors(len(data)), np.arange(len(stage_labels))
+  ticks = [f"after {s}" for s in stage_labels]
+  if t > 6:
+    fig = _figure(min(16.0, max(7.0, 0.45 * len(x) + 3.0)), 4.5)
+    ax = fig.add_subplot()
+    for (name, (mean, _)), color in zip(data.items(), colors):
+      seen = [np.nanmean(mean[i, : i + 1]) for i in range(len(x))]
+      ax.plot(x, seen, color=color, marker="o", markersize=3, linewidth=1.4, label=_wrap(name, 24))
+    _ticks(ax, ticks)
+    units = sorted(set(ylabels))
+    ax.set(title="Mean score of the tasks learned so far (mean over runs)",
+           ylabel=units[0] if len(units) == 1 else "score (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(title="group", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)
+  spread = len(data) <= 4  # more bands than that hide each other
   ncols = min(t, 3)
   nrows = math.ceil(t / ncols)
-  fig = _figure(max(6.0, 4.4 * ncols + 0.3 * len(stage_labels)), 3.8 * nrows + 0.4)
-  colors = _colors(len(series))
-  x = np.arange(len(stage_labels))
+  fig = _figure(max(6.0, 4.4 * ncols + 0.3 * len(x)), 3.8 * nrows + 0.4)
   for j in range(t):
     ax = fig.add_subplot(nrows, ncols, j + 1)
-    for (name, (mean, std)), color in zip(series.items(), colors):
-      mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
-      if mean.shape != (len(stage_labels), t) or std.shape != mean.shape:
-        raise ValueError(f"group '{name}': mean/std of shapes {mean.shape}/{std.shape}, expected "
-                         f"({len(stage_labels)}, {t})")
+    for (name, (mean, std)), color in zip(data.items(), colors):
       ax.plot(x[: j + 1], mean[: j + 1, j], color=color, linestyle=":", linewidth=1, alpha=0.7)
       ax.plot(x[j:], mean[j:, j], color=color, marker="o", markersize=3, linewidth=1.4, label=_wrap(name, 24))
-      band = np.nan_to_num(std[:, j])
-      ax.fill_between(x[j:], (mean[:, j] - band)[j:], (mean[:, j] + band)[j:], color=color, alpha=0.2, linewidth=0)
-      if j == len(x) - 1:  # a single point has no band: an error bar instead
-        ax.errorbar(x[j:], mean[j:, j], yerr=band[j:], fmt="none", ecolor=color, capsize=4, linewidth=1)
-    _ticks(ax, [f"after {s}" for s in stage_labels])
+      if spread and j < len(x) - 1:
+        ax.fill_between(x[j:], mean[j:, j] - std[j:, j], mean[j:, j] + std[j:, j], color=color, alpha=0.2,
+                        linewidth=0)
+      elif spread:  # a single point has no band: an error bar instead
+        ax.errorbar(x[j:], mean[j:, j], yerr=std[j:, j], fmt="none", ecolor=color, capsize=4, linewidth=1)
+    _ticks(ax, ticks)
     ax.set(title=_wrap(task_names[j], 40), ylabel=ylabels[j])
     ax.grid(alpha=0.3)
   handles, labels = fig.axes[0].get_legend_handles_labels()
-  fig.suptitle("Each task's score across training stages (mean over runs, band: ± std; dotted: before its stage)")
-  fig.tight_layout()
-  fig.legend(handles, labels, title="group", fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+  fig.suptitle("Each task's score across training stages (mean over runs" + (", band: ± std" if spread else "")
+               + "; dotted: before its own stage)")
+  fig.legend(handles, labels, title="group", fontsize="small", loc="outside right center")
   return _save(fig, path)

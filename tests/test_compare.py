@@ -142,3 +142,19 @@ def test_results_file_paths_and_duplicates(runs, tmp_path):
   paths = [str(runs / "agem_0" / "results.json"), str(runs / "agem_0"), str(runs / "agem_1")]
   _, data = compare.compare(paths, str(tmp_path), plot=False)
   assert _group(data, "agem")["n"] == 2  # agem_0 named twice, counted once
+
+
+def test_long_task_sequences_keep_per_task_scores_out_of_the_table(tmp_path):
+  t = 8  # e.g. permuted MNIST: one metric, no forgetting criterion recorded
+  for seed, offset in enumerate([0.0, 2.0]):
+    matrix = [[80.0 + offset if j <= i else 0.0 for j in range(t)] for i in range(t)]
+    _write(tmp_path / "runs" / f"naive_{seed}",
+           {"config": {"strategy.names": ["naive"], "seed": seed}, "stages": [f"perm{k}" for k in range(t)],
+            "metrics": {"acc": matrix}, "summary": {"acc": 0.0, "bwt": 0.0, "forgetting": 0.0},
+            "criterion": {}, "params": 1, "timing": {}})
+  text, data = compare.compare([str(tmp_path / "runs")], str(tmp_path / "out"), plot=False)
+  row = next(line for line in text.splitlines() if line.startswith("| naive |"))
+  assert [c.strip() for c in row.strip("|").split("|")] == ["naive", "2", "0, 1", "81.0 ± 1.4", "+0.0 ± 0.0",
+                                                           "0.0 ± 0.0", "n/a"]  # ACC 80, 82: std sqrt(2)
+  assert data["benchmarks"][0]["groups"][0]["final"]["perm7"]["values"] == [80.0, 82.0]
+  assert "8 tasks: each task's final score is in compare.json" in text
