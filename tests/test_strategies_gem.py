@@ -84,7 +84,7 @@ def test_project_matches_brute_force_on_random_problems():
     task_g = rng.normal(size=(T_MAX, 12))
     task_g[: trial % 3] -= 1.5 * g  # Make some constraints violated.
     valid = rng.random(T_MAX) < 0.8
-    margin = np.float32([0.0, 0.0, 0.3][trial % 3])
+    margin = [0.0, 0.0, 0.3][trial % 3]
     want = _numpy_gem(g, task_g, margin, valid)
     got = _flat(_project(_tree(g), _tree(task_g), margin, jnp.asarray(valid)))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -95,16 +95,26 @@ def test_project_matches_brute_force_on_random_problems():
   assert max(active_counts) >= 2  # Several constraints active at once.
 
 
+def _padded(rows):
+  """[n, 12] task gradients padded to T_MAX garbage rows, and their valid mask."""
+  rows = np.asarray(rows)
+  pad = np.full((T_MAX - len(rows), 12), 1e3)
+  return (_tree(np.concatenate([rows, pad])),
+          jnp.asarray(np.arange(T_MAX) < len(rows)))
+
+
 def test_single_task_equals_agem_closed_form():
   rng = np.random.default_rng(2)
   g = rng.normal(size=12)
   r = -g + 0.5 * rng.normal(size=12)
   assert g @ r < 0
   want = g - (g @ r) / (r @ r) * r
-  got = _flat(_project(_tree(g), _tree(r[None])))
+  task_g, valid = _padded([r])
+  got = _flat(_project(_tree(g), task_g, 0.0, valid))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   # Two copies of the same constraint (a singular Gram matrix): same answer.
-  got = _flat(_project(_tree(g), _tree(np.stack([r, r]))))
+  task_g, valid = _padded([r, r])
+  got = _flat(_project(_tree(g), task_g, 0.0, valid))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -132,26 +142,27 @@ def test_tiny_gradients_still_project():
 
 def test_one_compilation_for_all_task_counts():
   rng = np.random.default_rng(5)
-  fn = jax.jit(lambda *args: gem.project(*args))  # A cache of its own.
   g, task_g = _tree(rng.normal(size=12)), _tree(rng.normal(size=(T_MAX, 12)))
-  for n in range(T_MAX + 1):
-    fn(g, task_g, 0.0, jnp.asarray(np.arange(T_MAX) < n))
-  assert fn._cache_size() == 1
+  _project(g, task_g, 0.0, jnp.ones(T_MAX, bool))
+  compiled = _project._cache_size()
+  for n in range(T_MAX):
+    _project(g, task_g, 0.0, jnp.asarray(np.arange(T_MAX) < n))
+  assert _project._cache_size() == compiled
 
 
 def test_transform_in_chain_with_extra_args():
   rng = np.random.default_rng(6)
   params = _tree(rng.normal(size=12))
   g = rng.normal(size=12)
-  task_g = rng.normal(size=(3, 12)) - g
-  valid = np.array([True, True, False])
+  rows = rng.normal(size=(2, 12)) - g
+  task_g, valid = _padded(rows)
   lr = 0.1
   tx = optax.chain(gem.gem(margin=0.0), optax.sgd(lr))
   state = tx.init(params)
   update = jax.jit(tx.update)
-  got, _ = update(_tree(g), state, params, task_grads=_tree(task_g),
-                  task_valid=jnp.asarray(valid), ref_grads=None, step=3)
-  want = -lr * _numpy_gem(g, task_g, 0.0, valid)
+  got, _ = update(_tree(g), state, params, task_grads=task_g,
+                  task_valid=valid, ref_grads=None, step=3)
+  want = -lr * _numpy_gem(g, rows, 0.0, np.ones(2, bool))
   np.testing.assert_allclose(_flat(got), want, rtol=1e-4, atol=1e-5)
   got, _ = tx.update(_tree(g), state, params)  # No task_grads: identity.
   np.testing.assert_allclose(_flat(got), -lr * g, rtol=1e-6)

@@ -86,14 +86,19 @@ def test_online_clustering_matches_python_reference():
 
 def test_default_feature_is_the_flattened_example():
   xs, labels = _stream(30, seed=1)
+
+  @jax.jit
+  def both(memories, x, label):
+    default, explicit = memories
+    return (tagem.insert(default, {'x': x}, label),
+            tagem.insert(explicit, {'x': x}, label, x))
   memory = tagem.init(POOLS, Q, P, {'x': jnp.zeros((2,))})
-  explicit = memory
-  insert = jax.jit(tagem.insert)
+  memories = (memory, memory)
   for x, label in zip(xs, labels):
-    memory = insert(memory, {'x': x}, label)
-    explicit = insert(explicit, {'x': x}, label, x)
-  np.testing.assert_array_equal(memory.data['x'], explicit.data['x'])
-  np.testing.assert_array_equal(memory.written, explicit.written)
+    memories = both(memories, x, label)
+  default, explicit = memories
+  np.testing.assert_array_equal(default.data['x'], explicit.data['x'])
+  np.testing.assert_array_equal(default.written, explicit.written)
 
 
 def test_add_picks_one_valid_example_uniformly():
@@ -121,7 +126,7 @@ def test_add_picks_one_valid_example_uniformly():
 
 
 def test_sample_draws_stored_examples_with_their_pools():
-  n = 40
+  n = 80  # As above: `_run` is already compiled for it.
   xs, labels = _stream(n, seed=2)
   memory = _run(tagem.init(POOLS, Q, P, _example(), feature_dim=2), xs,
                 np.arange(n, dtype=np.int32), labels)
