@@ -98,13 +98,18 @@ def _check_feature(memory: ClusterMemory, feature: jax.Array, lead=()):
     raise ValueError(f'feature must have shape {want}, got {jnp.shape(feature)}')
 
 
+def _means(features: jax.Array, written: jax.Array) -> jax.Array:
+  """Mean of each cluster's current members: [..., Q, P, D] -> [..., Q, D]."""
+  p = features.shape[-2]
+  count = jnp.minimum(written, p)
+  member = jnp.arange(p) < count[..., None]
+  total = jnp.sum(jnp.where(member[..., None], features, 0.0), axis=-2)
+  return total / jnp.maximum(count, 1)[..., None].astype(jnp.float32)
+
+
 def centroids(memory: ClusterMemory) -> jax.Array:
   """[num_pools, Q, D] mean feature of each cluster's current members."""
-  _, _, p = _shape(memory)
-  count = jnp.minimum(memory.written, p)
-  member = jnp.arange(p)[None, None, :] < count[..., None]
-  total = jnp.sum(jnp.where(member[..., None], memory.features, 0.0), axis=2)
-  return total / jnp.maximum(count, 1)[..., None].astype(jnp.float32)
+  return _means(memory.features, memory.written)
 
 
 def insert(memory: ClusterMemory, example: PyTree, label: jax.Array,
@@ -124,7 +129,8 @@ def insert(memory: ClusterMemory, example: PyTree, label: jax.Array,
   pool = jnp.clip(label, 0, num_pools - 1)
 
   opened = memory.clusters[pool]
-  dist = jnp.sum(jnp.square(centroids(memory)[pool] - feature), axis=-1)
+  means = _means(memory.features[pool], memory.written[pool])  # This pool only.
+  dist = jnp.sum(jnp.square(means - feature), axis=-1)
   dist = jnp.where(jnp.arange(q) < opened, dist, jnp.inf)
   new = opened < q
   cluster = jnp.where(new, opened, jnp.argmin(dist))
