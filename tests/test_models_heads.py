@@ -122,3 +122,11 @@ def test_decode_keeps_local_maxima_only_and_image_scores():
   np.testing.assert_array_equal(np.asarray(out['classes'][0, :3]), [1, 2, 0])
   np.testing.assert_allclose(np.asarray(out['boxes'][0, 0]), np.array([1.5, 1.5, 3.5, 3.5]) * 8)
   np.testing.assert_allclose(np.asarray(H.image_level_scores(det)), sig(heat.max(axis=(1, 2))), rtol=1e-6)
+
+
+@pytest.mark.parametrize('method', ['bilinear', 'nearest'])
+def test_upsample_matches_jax_image_resize(method):
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 7, 3)), jnp.float32)
+  for hw in [(10, 14), (20, 28), (15, 7), (40, 21), (11, 9)]:  # x2, x4, x3 / x1, x8 / x3, non-integer.
+    want = jax.image.resize(x, (2, *hw, 3), method)
+    np.testing.assert_allclose(np.asarray(H.upsample(x, hw, method)), np.asarray(want), atol=2e-6, err_msg=str(hw))
