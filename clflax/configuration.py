@@ -8,7 +8,7 @@ from clflax.strategies import registry
 
 VISION_TASKS = ('seg', 'det', 'cls')
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
-BACKBONES = tuple(f'b{i}' for i in range(8)) + tuple(f'lite{i}' for i in range(5)) + ('tiny',)
+BACKBONES = tuple(f'b{i}' for i in range(8)) + tuple(f'lite{i}' for i in range(5)) + ('tiny', 'mlp')
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
@@ -36,8 +36,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   tasks = tuple(config.tasks)
   _require(len(tasks) > 0, 'config.tasks is empty')
   _require(len(set(tasks)) == len(tasks), f'config.tasks has duplicates: {tasks}')
+  classic = config.model.backbone == 'mlp'
   for task in tasks:
-    _require(task in VISION_TASKS, f'unknown task {task!r} in config.tasks; known: {", ".join(VISION_TASKS)}')
+    _require(classic or task in VISION_TASKS,
+             f'unknown task {task!r} in config.tasks; known: {", ".join(VISION_TASKS)}')
     _require(task in config.train.epochs, f'config.train.epochs has no entry for task {task!r}')
     _require(config.train.epochs[task] >= 0, f'config.train.epochs.{task} must be >= 0')
     _require(task in config.train.loss_weights, f'config.train.loss_weights has no entry for task {task!r}')

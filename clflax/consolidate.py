@@ -48,8 +48,7 @@ def _example_loss(model, variables, task, train_cfg):
 
   def loss_fn(params, example):
     batch = jax.tree.map(lambda x: x[None], example)
-    outputs = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, batch['image'], task=task,
-                          train=False)
+    outputs, _ = steps.forward(model, params, variables['batch_stats'], batch, task, None, train=False)
     return tasks.loss(task, outputs, batch, train_cfg)[0]
 
   return loss_fn
@@ -57,9 +56,8 @@ def _example_loss(model, variables, task, train_cfg):
 
 def _example_output(model, variables, task):
   def output_fn(params, example):
-    outputs = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, example['image'][None],
-                          task=task, train=False)
-    return outputs
+    batch = jax.tree.map(lambda x: x[None], example)
+    return steps.forward(model, params, variables['batch_stats'], batch, task, None, train=False)[0]
 
   return output_fn
 
@@ -73,7 +71,13 @@ def consolidate(state: steps.TrainState, context: steps.Context, task: str, exam
   examples = with_valid(examples)
   opt_state = state.opt_state
   chunk = 4  # Per-example gradients of a few examples at a time: bounded memory for big backbones.
-  if 'ewc' in names:
+  if 'ewc' in names and strategy.ewc.fisher == 'running':  # Authors' estimator: replaced each task, in [0, 1].
+    running = registry.find_state(opt_state, ewc.RunningFisherState)
+    fisher = ewc.normalize_fisher(running.acc)
+    opt_state = registry.replace_state(opt_state, ewc.RunningFisherState, ewc.reset_running)
+    opt_state = registry.replace_state(
+        opt_state, ewc.EwcState, lambda s: ewc.consolidate(s, state.params, fisher, strategy.ewc.decay))
+  elif 'ewc' in names:
     sample = jax.tree.map(lambda x: x[:strategy.ewc.fisher_samples], examples)
     fisher = jax.jit(lambda p, b: ewc.fisher_diagonal(
         _example_loss(model, variables, task, config.train), p, b, chunk_size=chunk))(state.params, sample)
@@ -90,7 +94,10 @@ def consolidate(state: steps.TrainState, context: steps.Context, task: str, exam
   if 'l2' in names:
     opt_state = registry.replace_state(opt_state, l2.L2State, lambda s: l2.consolidate(s, state.params))
   memories = dict(context.memories)
-  if task in memories:
+  if steps.SHARED in memories:  # One memory for all tasks: this task's examples join the earlier ones.
+    kept = jax.tree.map(lambda x: x[:memory_size(config)], examples)
+    memories[steps.SHARED] = replay.append(memories[steps.SHARED], kept)
+  elif task in memories:
     capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
     kept = jax.tree.map(lambda x: x[:capacity], examples)
     memories[task] = replay.append(memories[task], kept)

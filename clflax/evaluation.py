@@ -41,8 +41,8 @@ def assemble_results(run, meta: dict) -> dict[str, Any]:
   """The results.json dict (DESIGN.md contract) from the scores recorded during the run."""
   config, task_names = run.config, list(run.config.tasks)
   matrices = _matrices(task_names, meta['rows'])
-  headline = np.array([[row[t][tasks.HEADLINE[t]] for t in task_names] for row in meta['rows']])
-  baseline = np.array([meta['baseline'][t][tasks.HEADLINE[t]] for t in task_names])
+  headline = np.array([[row[t][tasks.headline(t)] for t in task_names] for row in meta['rows']])
+  baseline = np.array([meta['baseline'][t][tasks.headline(t)] for t in task_names])
   summary = {'headline': metrics.continual_summary(headline, baseline)}
   for name, matrix in matrices.items():
     if not np.isnan(np.asarray(matrix, float)).any():
@@ -50,8 +50,8 @@ def assemble_results(run, meta: dict) -> dict[str, Any]:
   return {
       'config': workdirs.flatten(config),
       'stages': task_names,
-      'stage_titles': [tasks.TITLES[t] for t in task_names],
-      'headline_metrics': {t: tasks.HEADLINE[t] for t in task_names},
+      'stage_titles': [tasks.title(t) for t in task_names],
+      'headline_metrics': {t: tasks.headline(t) for t in task_names},
       'metrics': matrices,
       'headline': headline.tolist(),
       'baseline': {t: meta['baseline'][t] for t in task_names},
@@ -92,11 +92,11 @@ def write_reports(run, results: dict) -> None:
   os.makedirs(plots, exist_ok=True)
   titles = results['stage_titles']
   plotting.plot_loss_curves(os.path.join(plots, 'loss_curves.png'),
-                            {tasks.TITLES[t]: tuple(np.asarray(c).T) for t, c in results['curves'].items() if c})
+                            {tasks.title(t): tuple(np.asarray(c).T) for t, c in results['curves'].items() if c})
   plotting.plot_matrix(os.path.join(plots, 'headline_matrix.png'), np.asarray(results['headline']),
                        [f'after {t}' for t in titles], titles, 'Score of each task after each stage (headline metric)')
   plotting.plot_evolution(os.path.join(plots, 'evolution.png'),
-                          {tasks.HEADLINE[t]: np.asarray(results['metrics'][tasks.HEADLINE[t]])
+                          {tasks.headline(t): np.asarray(results['metrics'][tasks.headline(t)])
                            for t in results['stages']}, titles)
   report.write_results(workdir, results)
   report.write_summary(workdir, results)

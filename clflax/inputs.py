@@ -19,6 +19,9 @@ class Data(NamedTuple):
   eval_batches: dict  # task -> list of padded batches (`valid` marks real rows).
   example_batches: dict  # task -> one batch (shapes for memories).
   memory_examples: Callable[[str], dict]  # task -> un-augmented training examples for memories / Fisher.
+  # Optional on-device epochs (classic benchmarks): (source pytree, batch_fn(source, task_id, epoch, step) -> batch,
+  # task -> task_id). When set, each epoch runs as one compiled lax.scan instead of a Python loop over steps.
+  scan: Any = None
 
 
 class _ArrayEpochs:

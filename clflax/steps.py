@@ -33,24 +33,42 @@ class Context(NamedTuple):
   teacher: dict  # {'params', 'batch_stats'} after the previous stage (LwF's teacher).
 
 
-def _forward(model, params, batch_stats, images, task, rng, train):
+def forward(model, params, batch_stats, batch, task, rng, train):
+  """Head `task` on `batch`; multi-head classic models also read each example's head id (`batch['head']`)."""
   variables = {'params': params, 'batch_stats': batch_stats}
+  extra = {'head': batch['head']} if 'head' in batch else {}
   if not train:
-    return model.apply(variables, images, task=task, train=False), batch_stats
-  outputs, updates = model.apply(variables, images, task=task, train=True, mutable=['batch_stats'],
-                                 rngs={'dropout': rng})
-  return outputs, updates['batch_stats']
+    return model.apply(variables, batch['image'], task=task, train=False, **extra), batch_stats
+  outputs, updates = model.apply(variables, batch['image'], task=task, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': rng}, **extra)
+  return outputs, updates.get('batch_stats', batch_stats)
 
 
-def _memory_loss(model, params, batch_stats, context, earlier, key, batch_size, train_cfg):
-  """Mean over earlier tasks of their (weighted) loss on a batch drawn from their memory, through their heads."""
+SHARED = 'shared'  # Context.memories key of the one memory that tasks with a common head share.
+
+
+def memory_tasks(context: Context, earlier: tuple[str, ...]) -> bool:
+  """Whether the step has any memory to learn from (statically known)."""
+  return bool(earlier) or SHARED in context.memories
+
+
+def _memory_loss(model, params, batch_stats, context, earlier, task, key, batch_size, train_cfg):
+  """Loss on memory batches. Per-task memories (vision): the mean over earlier tasks of their weighted loss, each
+  through its own head. One shared memory (classic benchmarks): `batch_size` examples drawn from all earlier tasks
+  together, zero while the memory is still empty."""
+  if SHARED in context.memories:
+    memory = context.memories[SHARED]
+    sample_key, drop_key = jax.random.split(key)
+    batch = replay.sample(memory, sample_key, batch_size)
+    outputs, _ = forward(model, params, batch_stats, batch, task, drop_key, train=True)
+    return jnp.where(replay.size(memory) > 0, tasks.loss(task, outputs, batch, train_cfg)[0], 0.0)
   total = 0.0
-  for task, task_key in zip(earlier, jax.random.split(key, len(earlier))):
+  for old_task, task_key in zip(earlier, jax.random.split(key, len(earlier))):
     sample_key, drop_key = jax.random.split(task_key)
-    batch = replay.sample(context.memories[task], sample_key, batch_size)
-    outputs, _ = _forward(model, params, batch_stats, batch['image'], task, drop_key, train=True)
-    task_loss, _ = tasks.loss(task, outputs, batch, train_cfg)
-    total += train_cfg.loss_weights[task] * task_loss
+    batch = replay.sample(context.memories[old_task], sample_key, batch_size)
+    outputs, _ = forward(model, params, batch_stats, batch, old_task, drop_key, train=True)
+    old_loss, _ = tasks.loss(old_task, outputs, batch, train_cfg)
+    total += train_cfg.loss_weights[old_task] * old_loss
   return total / len(earlier)
 
 
@@ -59,21 +77,22 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
   """One optimisation step of head `task`; returns (new state, metrics). Pure: jit it with `task` fixed."""
   strategy, train_cfg = config.strategy, config.train
   names = set(strategy.names)
+  has_memory = memory_tasks(context, earlier)
   rng, drop_key, replay_key, agem_key = jax.random.split(state.rng, 4)
 
   def loss_fn(params):
-    outputs, new_stats = _forward(model, params, state.batch_stats, batch['image'], task, drop_key, train=True)
+    outputs, new_stats = forward(model, params, state.batch_stats, batch, task, drop_key, train=True)
     task_loss, parts = tasks.loss(task, outputs, batch, train_cfg)
-    total = train_cfg.loss_weights[task] * task_loss
-    if earlier and 'replay' in names:
-      parts['replay'] = _memory_loss(model, params, state.batch_stats, context, earlier, replay_key,
+    total = train_cfg.loss_weights.get(task, 1.0) * task_loss
+    if has_memory and 'replay' in names:
+      parts['replay'] = _memory_loss(model, params, state.batch_stats, context, earlier, task, replay_key,
                                      strategy.replay.batch, train_cfg)
       total += strategy.replay.weight * parts['replay']
     if earlier and 'lwf' in names:
       distill = 0.0
       for old_task in earlier:
-        student, _ = _forward(model, params, state.batch_stats, batch['image'], old_task, drop_key, train=True)
-        teacher, _ = _forward(model, context.teacher['params'], context.teacher['batch_stats'], batch['image'],
+        student, _ = forward(model, params, state.batch_stats, batch, old_task, drop_key, train=True)
+        teacher, _ = forward(model, context.teacher['params'], context.teacher['batch_stats'], batch,
                               old_task, None, train=False)
         distill += tasks.distill(old_task, student, teacher, strategy.lwf.temperature)
       parts['lwf'] = distill / len(earlier)
@@ -83,8 +102,8 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
 
   grads, (parts, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
   ref_grads = None
-  if earlier and 'agem' in names:
-    ref_grads = jax.grad(_memory_loss, argnums=1)(model, state.params, state.batch_stats, context, earlier,
+  if has_memory and 'agem' in names:
+    ref_grads = jax.grad(_memory_loss, argnums=1)(model, state.params, state.batch_stats, context, earlier, task,
                                                    agem_key, strategy.agem.ref_batch, train_cfg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params, ref_grads=ref_grads)
   params = optax.apply_updates(state.params, updates)
@@ -95,7 +114,7 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
 
 def eval_step(variables: dict, batch: dict, *, model, task: str, max_detections: int) -> dict:
   """Per-batch evaluation summaries of head `task` (see tasks.eval_outputs)."""
-  outputs = model.apply(variables, batch['image'], task=task, train=False)
+  outputs, _ = forward(model, variables['params'], variables['batch_stats'], batch, task, None, train=False)
   return tasks.eval_outputs(task, outputs, batch, max_detections)
 
 
@@ -106,6 +125,22 @@ def jit_train_step(model, tx, task, earlier, config, state_sharding=None, batch_
     return jax.jit(step, donate_argnums=(0,))
   return jax.jit(step, donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, state_sharding),
                  out_shardings=(state_sharding, None))
+
+
+def jit_scan_epoch(model, tx, task, earlier, config, batch_fn, num_steps):
+  """A whole epoch as one compiled `lax.scan` over `num_steps` train steps (no Python per step).
+
+  `batch_fn(source, task_id, epoch, step)` builds each step's batch on device from `source` (e.g. the MNIST image
+  pool with per-task permutations), so the epoch's data never crosses from the host. Returns per-step metrics.
+  """
+  step = functools.partial(train_step, model=model, tx=tx, task=task, earlier=tuple(earlier), config=config)
+
+  def epoch_fn(state, context, source, task_id, epoch):
+    def body(carry, i):
+      return step(carry, batch_fn(source, task_id, epoch, i), context)
+    return jax.lax.scan(body, state, jnp.arange(num_steps))
+
+  return jax.jit(epoch_fn, donate_argnums=(0,))
 
 
 def jit_eval_step(model, task, max_detections):

@@ -17,13 +17,31 @@ from clflax.strategies import lwf
 NUM_SEG_CLASSES = 21
 IGNORE_LABEL = 255
 TITLES = {'seg': 'VOC segmentation', 'det': 'COCO detection', 'cls': 'Imagenette classification'}
-HEADLINE = {'seg': 'miou', 'det': 'map', 'cls': 'top1'}  # The metric that early stopping and the criterion use.
-METRICS = {'seg': ('miou', 'pixel_acc'), 'det': ('map', 'ap50', 'image_map'), 'cls': ('top1', 'top5')}
+HEADLINE = {'seg': 'miou', 'det': 'map', 'cls': 'top1', 'digits': 'acc'}  # Early stopping / criterion metric.
+METRICS = {'seg': ('miou', 'pixel_acc'), 'det': ('map', 'ap50', 'image_map'), 'cls': ('top1', 'top5'),
+           'digits': ('acc',)}
+
+
+def kind(task: str) -> str:
+  """The vision heads are tasks of their own kind; any other task name is a classic-benchmark digit task."""
+  return task if task in TITLES else 'digits'
+
+
+def headline(task: str) -> str:
+  return HEADLINE[kind(task)]
+
+
+def title(task: str) -> str:
+  return TITLES.get(task, task)
 
 
 def loss(task: str, outputs, batch: dict, train_cfg: ml_collections.ConfigDict):
   """(scalar loss, dict of named parts) of `task`'s head on `batch`; padding rows (valid=False) do not count."""
   weights = batch['valid'].astype(jnp.float32)
+  task = kind(task)
+  if task == 'digits':
+    total = losses.classification_loss(outputs, batch['label'], 0.0, weights=weights)
+    return total, {'ce': total}
   if task == 'seg':
     total = losses.segmentation_loss(
         outputs, batch['mask'], NUM_SEG_CLASSES, IGNORE_LABEL, dice_weight=train_cfg.dice_weight, weights=weights)
@@ -43,7 +61,7 @@ def loss(task: str, outputs, batch: dict, train_cfg: ml_collections.ConfigDict):
 def distill(task: str, outputs, teacher_outputs, temperature: float):
   """LwF: keep `task`'s head answering like the previous model did, on the current images."""
   teacher_outputs = jax.lax.stop_gradient(teacher_outputs)
-  if task == 'det':  # Per-cell, per-class sigmoid scores, plus the box geometry where objects were seen.
+  if kind(task) == 'det':  # Per-cell, per-class sigmoid scores, plus the box geometry where objects were seen.
     heat = lwf.binary_distillation_loss(outputs['heatmap'], teacher_outputs['heatmap'], temperature)
     geometry = jnp.mean(jnp.abs(outputs['size'] - teacher_outputs['size']) * jax.nn.sigmoid(
         jnp.max(teacher_outputs['heatmap'], axis=-1, keepdims=True)))
@@ -54,6 +72,9 @@ def distill(task: str, outputs, teacher_outputs, temperature: float):
 def eval_outputs(task: str, outputs, batch: dict, max_detections: int) -> dict:
   """Small per-batch summaries to bring to the host (e.g. a confusion matrix, not the full masks)."""
   valid = batch['valid']
+  task = kind(task)
+  if task == 'digits':
+    return {'correct': jnp.sum((jnp.argmax(outputs, -1) == batch['label']) & valid), 'count': jnp.sum(valid)}
   if task == 'seg':
     pred = jnp.argmax(outputs, axis=-1)
     label = batch['mask']
@@ -70,6 +91,9 @@ def eval_outputs(task: str, outputs, batch: dict, max_detections: int) -> dict:
 
 
 def new_accumulator(task: str) -> dict:
+  task = kind(task)
+  if task == 'digits':
+    return {'correct': 0, 'count': 0}
   if task == 'seg':
     return {'confusion': np.zeros((NUM_SEG_CLASSES, NUM_SEG_CLASSES), np.int64)}
   return {'outputs': [], 'batches': []}
@@ -77,6 +101,9 @@ def new_accumulator(task: str) -> dict:
 
 def accumulate(task: str, acc: dict, outputs: dict, batch: dict) -> dict:
   """Adds one batch's eval outputs (already on the host) to `acc`, dropping padding rows."""
+  task = kind(task)
+  if task == 'digits':
+    return {k: acc[k] + int(outputs[k]) for k in acc}
   if task == 'seg':
     acc['confusion'] += np.asarray(outputs['confusion'], np.int64)
     return acc
@@ -93,6 +120,9 @@ def _concat(parts: list[dict]) -> dict:
 
 def scores(task: str, acc: dict) -> dict:
   """Metrics of `task` in percent (NaN where undefined, e.g. no ground-truth boxes at all)."""
+  task = kind(task)
+  if task == 'digits':
+    return {'acc': 100 * acc['correct'] / max(acc['count'], 1)}
   if task == 'seg':
     mean_iou, _ = metrics.miou(acc['confusion'])
     return {'miou': 100 * float(mean_iou), 'pixel_acc': 100 * float(metrics.pixel_accuracy(acc['confusion']))}

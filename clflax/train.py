@@ -17,12 +17,14 @@ import optax
 from clu import metric_writers
 
 from clflax import checkpoints
+from clflax import classic
 from clflax import consolidate as consolidation
 from clflax import evaluation
 from clflax import inputs
 from clflax import parallel
 from clflax import steps
 from clflax import tasks
+from clflax import tracking
 from clflax.models import multitask
 from clflax.strategies import ewc
 from clflax.strategies import l2
@@ -35,7 +37,7 @@ class Run(NamedTuple):
   """Everything fixed for the whole run (no arrays that change during training)."""
   config: ml_collections.ConfigDict
   workdir: str
-  model: multitask.MultiTaskNet
+  model: Any  # multitask.MultiTaskNet, or classic.ClassicNet for the MNIST protocols.
   data: inputs.Data
   writer: Any  # clu metric writer (TensorBoard + log).
   mesh: Any
@@ -43,12 +45,15 @@ class Run(NamedTuple):
   param_count: int
   param_report: dict
   final_variables: Callable[[], dict]  # The variables after the last stage (for timing).
+  compiled: dict  # Stage functions shared by stages that compile to the same program (classic benchmarks).
 
   def shard(self, local_batch):
     return parallel.shard_batch(self.mesh, local_batch)
 
 
-def build_model(config: ml_collections.ConfigDict) -> multitask.MultiTaskNet:
+def build_model(config: ml_collections.ConfigDict):
+  if config.model.backbone == 'mlp':
+    return classic.build_model(config)
   return multitask.MultiTaskNet(
       backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES, neck_channels=config.model.neck_channels,
       depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections)
@@ -57,14 +62,13 @@ def build_model(config: ml_collections.ConfigDict) -> multitask.MultiTaskNet:
 def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
   """Strategies' transforms + clipping + the base optimizer with warm-up and cosine warm restarts (per stage)."""
   train = config.train
-  period = max(1, train.restart_epochs * steps_per_epoch)
-  warmup = min(train.warmup_steps, period - 1)
-  schedule = optax.join_schedules(
-      [optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, warmup, period, train.learning_rate * 0.01)]
-      + [optax.cosine_decay_schedule(train.learning_rate, period, 0.01)] * 63,
-      boundaries=[period * (i + 1) for i in range(63)])
+  if train.constant_learning_rate:
+    schedule = train.learning_rate
+  else:
+    schedule = _sgdr_schedule(train, steps_per_epoch)
   if train.optimizer == 'sgd':
-    base = optax.chain(optax.add_decayed_weights(train.weight_decay), optax.sgd(schedule, momentum=0.9))
+    base = optax.chain(optax.add_decayed_weights(train.weight_decay),
+                       optax.sgd(schedule, momentum=train.momentum or None))
   elif train.optimizer == 'adam':
     base = optax.adam(schedule)
   else:
@@ -72,11 +76,21 @@ def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Gr
   return registry.build_tx(config.strategy, base, clip_norm=train.clip_norm or None)
 
 
+def _sgdr_schedule(train, steps_per_epoch):
+  """Linear warm-up, then cosine annealing restarted every `restart_epochs` epochs (SGDR)."""
+  period = max(1, train.restart_epochs * steps_per_epoch)
+  warmup = min(train.warmup_steps, period - 1)
+  return optax.join_schedules(
+      [optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, warmup, period, train.learning_rate * 0.01)]
+      + [optax.cosine_decay_schedule(train.learning_rate, period, 0.01)] * 63,
+      boundaries=[period * (i + 1) for i in range(63)])
+
+
 def fresh_optimizer_state(tx, params, old_opt_state=None):
   """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
   opt_state = tx.init(params)
   if old_opt_state is not None:
-    for state_type in (ewc.EwcState, mas.MasState, si.SiState, l2.L2State):
+    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State):
       old = registry.find_state(old_opt_state, state_type)
       if old is not None:
         opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
@@ -113,37 +127,64 @@ def _variables(state):
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
+def _stage_functions(run: Run, k: int, task: str):
+  """(tx, compiled step or epoch function) of stage k. With on-device epochs (classic benchmarks) every stage has
+  the same shapes and one shared memory, so one compiled epoch serves all stages."""
+  config, steps_per_epoch = run.config, run.data.steps_per_epoch[task]
+  if run.data.scan is None:
+    tx = make_tx(config, steps_per_epoch)
+    return tx, steps.jit_train_step(run.model, tx, task, config.tasks[:k], config, parallel.replicated(run.mesh),
+                                    parallel.batch_sharding(run.mesh))
+  key = (tasks.kind(task), steps_per_epoch)
+  if key not in run.compiled:
+    tx = make_tx(config, steps_per_epoch)
+    run.compiled[key] = tx, steps.jit_scan_epoch(run.model, tx, task, (), config, run.data.scan[1], steps_per_epoch)
+  return run.compiled[key]
+
+
+def _record(meta, task, records, first_step, label, run, state, progress_args):
+  """NaN guard, loss curve and progress line for the steps of `records` (host floats)."""
+  _check_finite(records, label, first_step)
+  meta['curves'].setdefault(task, []).extend([[first_step + i, r['total']] for i, r in enumerate(records)])
+  _log_progress(label, *progress_args, records[-1], run.writer, int(state.step))
+
+
 def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> dict:
   """Trains stage k with per-epoch validation and early stopping; returns the tree with the best weights."""
   config, task = run.config, run.config.tasks[k]
   meta = progress.meta
   epochs, steps_per_epoch = config.train.epochs[task], run.data.steps_per_epoch[task]
-  state_sharding = parallel.replicated(run.mesh)
-  step_fn = steps.jit_train_step(run.model, make_tx(config, steps_per_epoch), task, config.tasks[:k], config,
-                                 state_sharding, parallel.batch_sharding(run.mesh))
+  _, stage_fn = _stage_functions(run, k, task)
   train_set = run.data.train_sets[task]
   label = f'stage {k + 1}/{len(config.tasks)} ({task})'
   total, start = epochs * steps_per_epoch, meta['stage_step']
   start_time = time.time()
   state, context = tree['state'], tree['context']
   for epoch in range(meta['epoch'], epochs):
+    if run.data.scan is not None:  # The whole epoch in one compiled call.
+      pool, _, ids = run.data.scan
+      state, stacked = stage_fn(state, context, pool, ids[task], epoch)
+      stacked = jax.device_get(stacked)
+      records = [{name: float(v[i]) for name, v in stacked.items()} for i in range(steps_per_epoch)]
+      meta['stage_step'] = (epoch + 1) * steps_per_epoch
+      _record(meta, task, records, epoch * steps_per_epoch + 1, label, run, state,
+              (epoch, epochs, meta['stage_step'] - start, total - start, start_time))
     history = []
-    for step in range(max(start, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch):
-      state, metrics = step_fn(state, run.shard(train_set[step]), context)
+    python_steps = range(0) if run.data.scan is not None else range(max(start, epoch * steps_per_epoch),
+                                                                    (epoch + 1) * steps_per_epoch)
+    for step in python_steps:
+      state, metrics = stage_fn(state, run.shard(train_set[step]), context)
       history.append(metrics)
       meta['stage_step'] = step + 1
       if (step + 1) % config.train.log_every_steps == 0 or step + 1 == (epoch + 1) * steps_per_epoch:
         records = [{name: float(v) for name, v in m.items()} for m in jax.device_get(history)]
-        _check_finite(records, label, step + 2 - len(records))
-        meta['curves'].setdefault(task, []).extend(
-            [[step + 2 - len(records) + i, r['total']] for i, r in enumerate(records)])
-        _log_progress(label, epoch, epochs, step + 1 - start, total - start, start_time, records[-1], run.writer,
-                      int(state.step))
+        _record(meta, task, records, step + 2 - len(records), label, run, state,
+                (epoch, epochs, step + 1 - start, total - start, start_time))
         history = []
         if (step + 1) % config.train.checkpoint_every_steps < len(records) and step + 1 < total:
           progress.save(dict(tree, state=state))
     scores = evaluation.evaluate_task(run, task, _variables(state))
-    score = scores[tasks.HEADLINE[task]]
+    score = scores[tasks.headline(task)]
     meta['epoch'] = epoch + 1
     meta['epoch_scores'].setdefault(task, []).append(score)
     run.writer.write_scalars(int(state.step), {f'val/{task}_{m}': v for m, v in scores.items()})
@@ -158,7 +199,7 @@ def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> d
     tree = dict(tree, state=state)
     progress.save(tree)
     if meta['bad_epochs'] >= config.train.early_stopping_patience:
-      logging.info('%s: early stop after epoch %d (best %s %.2f)', label, epoch + 1, tasks.HEADLINE[task],
+      logging.info('%s: early stop after epoch %d (best %s %.2f)', label, epoch + 1, tasks.headline(task),
                    meta['best_score'])
       break
   tree = dict(tree, state=state)
@@ -171,12 +212,17 @@ def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> d
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict, dict]:
   """Builds the model, data, mesh and writers; returns the run and the initial array tree."""
   model = build_model(config)
-  data = inputs.load(config)
+  data = classic.load_data(config) if run_is_classic(config) else inputs.load(config)
   logging.info('%s', data.description)
   mesh = parallel.make_mesh()
   with jax.default_prng_impl('rbg'):  # Compiles several times faster than threefry for the many initialisers.
-    variables = multitask.init_variables(model, jax.random.PRNGKey(config.seed), config.model.image_size,
-                                         pretrained_path=config.model.pretrained or None)
+    key = jax.random.PRNGKey(config.seed)
+    if run_is_classic(config):
+      variables = dict(model.init(key, jnp.asarray(data.example_batches[config.tasks[0]]['image'][:1])),
+                       batch_stats={})
+    else:
+      variables = multitask.init_variables(model, key, config.model.image_size,
+                                           pretrained_path=config.model.pretrained or None)
   counts = multitask.count_params(variables)
   tx = make_tx(config, data.steps_per_epoch[config.tasks[0]])
   state = initial_state(config, variables, tx)
@@ -184,15 +230,24 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   memories = {}
   if consolidation.needs_memory(config):
     size = consolidation.memory_size(config)
-    memories = {t: consolidation.empty_memory(data.example_batches[t], size) for t in config.tasks}
+    if run_is_classic(config):  # One memory shared by all tasks (same head, same example shapes).
+      memories = {steps.SHARED: consolidation.empty_memory(data.example_batches[config.tasks[0]],
+                                                           size * len(config.tasks))}
+    else:
+      memories = {t: consolidation.empty_memory(data.example_batches[t], size) for t in config.tasks}
   tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': jax.tree.map(jnp.copy, variables)}
   tree = parallel.replicate(mesh, tree)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = tracking.make_writer(
+      config, workdir, metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0))
   eval_steps = {t: steps.jit_eval_step(model, t, config.model.max_detections) for t in config.tasks}
   final = {}
   run = Run(config, workdir, model, data, writer, mesh, eval_steps, int(counts['total']), counts,
-            lambda: final['variables'])
+            lambda: final['variables'], {})
   return run, tree, final
+
+
+def run_is_classic(config: ml_collections.ConfigDict) -> bool:
+  return config.model.backbone == 'mlp'
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -212,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     task = config.tasks[k]
     stage_start = time.time() - meta['stage_seconds_so_far']
     if meta['epoch'] == 0 and meta['stage_step'] == 0:  # A new stage: fresh base optimizer, strategies kept.
-      tx = make_tx(config, run.data.steps_per_epoch[task])
+      tx, _ = _stage_functions(run, k, task)
       state = tree['state']
       tree['state'] = state._replace(opt_state=fresh_optimizer_state(tx, state.params, state.opt_state))
     tree = run_stage(k, run, tree, progress)
@@ -227,5 +282,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final['variables'] = _variables(tree['state'])
   results = evaluation.assemble_results(run, meta)
   evaluation.write_reports(run, results)
-  run.writer.flush()
+  tracking.log_run_artifacts(workdir)
+  run.writer.close()
   return results

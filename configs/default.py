@@ -42,6 +42,8 @@ def get_config(arg=None):
   config.model.depthwise = 'auto'  # Depthwise conv: 'shifted' (fast on CPU), 'xla' (GPU/TPU), 'auto' per backend.
   config.model.dropout = 0.2  # Dropout before the classification layer.
   config.model.max_detections = 100  # Boxes decoded per image for detection mAP.
+  config.model.hidden = (256, 256)  # Hidden widths of the MLP (backbone='mlp', classic benchmarks only).
+  config.model.init = 'default'  # MLP init: 'default' or 'agem_paper' (classic benchmarks only).
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 8  # Global batch (split over all devices).
@@ -49,7 +51,9 @@ def get_config(arg=None):
   # Epochs per stage, in config.tasks order.
   config.train.epochs = ml_collections.ConfigDict(dict(seg=12, det=12, cls=6))
   config.train.steps_per_epoch = 0  # 0 = one pass over the training set; >0 caps it (smoke runs).
-  config.train.optimizer = 'adamw'  # Base optimizer: 'adamw', 'adam' or 'sgd' (momentum 0.9).
+  config.train.optimizer = 'adamw'  # Base optimizer: 'adamw', 'adam' or 'sgd'.
+  config.train.momentum = 0.9  # SGD momentum (0 = plain SGD).
+  config.train.constant_learning_rate = False  # True: no warm-up or cosine restarts (the classic protocols).
   config.train.learning_rate = 1e-3  # Peak learning rate of each stage.
   config.train.weight_decay = 1e-4  # Decoupled weight decay (adamw) / L2 (sgd).
   config.train.warmup_steps = 50  # Linear warm-up at the start of every stage.

@@ -93,3 +93,29 @@ def normalize_fisher(fisher: PyTree) -> PyTree:
   top = jnp.max(jnp.stack([jnp.max(x) for x in leaves]))
   scale = jnp.where(top > 0, 1.0 / jnp.where(top > 0, top, 1.0), 1.0)
   return jax.tree.map(lambda x: (x * scale).astype(x.dtype), fisher)
+
+
+class RunningFisherState(NamedTuple):
+  acc: PyTree  # Running average of squared mini-batch gradients of the current task.
+  count: jax.Array  # Updates seen this task.
+
+
+def running_fisher_tracker(decay: float = 0.9, every: int = 10) -> optax.GradientTransformationExtraArgs:
+  """Tracks the authors' Fisher estimate from the raw gradients (every `every` steps); updates pass unchanged.
+
+  Put it before any transform that changes the gradient (the registry does). At a task's end the trainer turns
+  `acc` into the Fisher with `normalize_fisher` and resets the tracker (`reset_running`).
+  """
+  def init_fn(params):
+    return RunningFisherState(jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra):
+    del params, extra
+    acc = jax.lax.cond(state.count % every == 0, lambda a: running_fisher(a, updates, decay), lambda a: a, state.acc)
+    return updates, RunningFisherState(acc, state.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def reset_running(state: RunningFisherState) -> RunningFisherState:
+  return RunningFisherState(jax.tree.map(jnp.zeros_like, state.acc), jnp.zeros((), jnp.int32))

@@ -138,6 +138,8 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
   if 'si' in names:
     parts.append(si_lib.si(cfg['si']['strength'], cfg['si']['damping']))
   if 'ewc' in names:
+    if cfg['ewc'].get('fisher', 'exact') == 'running':  # The A-GEM authors' estimator, from raw gradients.
+      parts.insert(0, ewc_lib.running_fisher_tracker())
     parts.append(ewc_lib.ewc(cfg['ewc']['strength']))
   if 'mas' in names:
     parts.append(mas_lib.mas(cfg['mas']['strength']))

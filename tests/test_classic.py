@@ -1,0 +1,36 @@
+"""The classic Permuted-MNIST protocol through the trainer: a 3-task, few-hundred-example version in seconds."""
+import json
+
+import numpy as np
+import pytest
+
+from clflax import run
+from configs import permuted_mnist
+
+
+def _final_and_forgetting(workdir):
+  with open(workdir / 'results.json') as f:
+    results = json.load(f)
+  matrix = np.asarray(results['metrics']['acc'])
+  final = matrix[-1].mean()
+  forgetting = np.mean([matrix[:-1, j].max() - matrix[-1, j] for j in range(matrix.shape[1] - 1)])
+  return final, forgetting, matrix
+
+
+def test_agem_forgets_less_than_vanilla(shared_data, tmp_path):
+  scores = {}
+  for name in ('vanilla', 'agem'):
+    config = permuted_mnist.get_config(f'{name},smoke')
+    config.data_dir = str(shared_data)
+    assert run.main(config, str(tmp_path / name)) == 0
+    scores[name] = _final_and_forgetting(tmp_path / name)
+  (van_acc, van_forgetting, van_matrix), (agem_acc, agem_forgetting, _) = scores['vanilla'], scores['agem']
+  assert van_matrix.shape == (3, 3)
+  assert van_matrix[0, 0] > 70  # Each task is learnable in one epoch of 500 examples.
+  assert agem_forgetting < van_forgetting, (agem_forgetting, van_forgetting)
+  assert agem_acc > van_acc
+
+
+def test_unknown_strategy_is_refused():
+  with pytest.raises(ValueError, match="unknown strategy 'bogus'"):
+    permuted_mnist.get_config('agem+bogus')
