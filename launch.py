@@ -23,13 +23,21 @@ def _parse_flags(argv):
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     if '--debug' in argv:
       raise
-    missing = str(e).strip('"\'')
+    first, _, hint = str(e).replace('\\n', '\n').strip('"\'').partition('\n')  # "'key'\nDid you mean ...?"
+    missing = first.strip('"\'\\')
     for arg in argv[1:]:  # Name the override that holds the unknown key.
       key = arg.split('=', 1)[0]
       if key.startswith('--config.') and (key.endswith(f'.{missing}') or f'.{missing}.' in key):
-        sys.exit(f'error: unknown config key {key[len("--config."):]!r} (from {arg}); see the config file for the '
-                 'valid fields')
-    sys.exit(f'error: bad flag: {_last_line(e)}')
+        hint = hint.strip('"\'\\ ').replace('"', "'")
+        _fail(f'error: unknown config key {key[len("--config."):]!r} (from {arg}); '
+                 + (hint if hint else 'see the config file for the valid fields'))
+    _fail(f'error: bad flag: {_last_line(e)}')
+
+
+def _fail(message: str) -> None:
+  """User errors exit with status 2, as clflax.run's."""
+  print(message, file=sys.stderr)
+  sys.exit(2)
 
 
 def _last_line(error: BaseException) -> str:
@@ -50,7 +58,7 @@ def main(argv):
   except OSError as e:
     if _DEBUG.value:
       raise
-    sys.exit(f'error: cannot load --config: {_last_line(e)}')
+    _fail(f'error: cannot load --config: {_last_line(e)}')
   from clflax import run  # Deferred: JAX starts only after the flags are valid.
   sys.exit(run.main(config, _WORKDIR.value, fresh=_FRESH.value, debug=_DEBUG.value))
 

@@ -72,3 +72,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(train.checkpoint_every_steps > 0, 'config.train.checkpoint_every_steps must be > 0')
   _require(config.data.max_boxes > 0, 'config.data.max_boxes must be > 0')
   registry.validate(config.strategy)
+
+
+def check_pretrained(config: ml_collections.ConfigDict) -> None:
+  """Reads and converts `config.model.pretrained` now, so a missing, truncated or wrong-architecture weights file
+  fails in one line before any data is read or anything compiles."""
+  if not config.model.pretrained or config.model.backbone == 'mlp':  # The MLP has no pretrained weights.
+    return
+  from clflax.models import pretrained  # pylint: disable=g-import-not-at-top  (pulls in the model code)
+  path = None if config.model.pretrained == 'default' else config.model.pretrained
+  pretrained.backbone_variables(config.model.backbone, path, depthwise=config.model.depthwise)

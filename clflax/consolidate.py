@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from clflax import parallel
 from clflax import steps
 from clflax import tasks
 from clflax.strategies import ewc
@@ -101,5 +102,5 @@ def consolidate(state: steps.TrainState, context: steps.Context, task: str, exam
     capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
     kept = jax.tree.map(lambda x: x[:capacity], examples)
     memories[task] = replay.append(memories[task], kept)
-  teacher = jax.tree.map(jnp.copy, variables) if 'lwf' in names else context.teacher
+  teacher = parallel.copy_tree(variables) if 'lwf' in names else context.teacher
   return state._replace(opt_state=opt_state), steps.Context(memories=memories, teacher=teacher)

@@ -3,7 +3,7 @@
 `load(config)` builds it from the datasets (clflax.data); tests can build it from arrays with `from_arrays`.
 Batches are per-process numpy dicts (see clflax.data.pipeline for the keys of each task).
 """
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections

@@ -5,6 +5,7 @@ The jitted step is written for one device; XLA's SPMD partitioner inserts the gr
 processes (`config.distributed.enabled`), each host loads its own slice of the global batch.
 """
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -32,3 +33,10 @@ def shard_batch(mesh: Mesh, local_batch: dict):
   """Global arrays from this process's slice of the batch (the whole batch with one process)."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+@jax.jit
+def copy_tree(tree):
+  """New buffers for every leaf of `tree` (so a donated step cannot delete them), in one compiled call rather
+  than one per leaf shape."""
+  return jax.tree.map(jnp.copy, tree)

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import tempfile
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 

@@ -88,7 +88,7 @@ def _sgdr_schedule(train, steps_per_epoch):
 
 def fresh_optimizer_state(tx, params, old_opt_state=None):
   """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
   if old_opt_state is not None:
     for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State):
       old = registry.find_state(old_opt_state, state_type)
@@ -100,7 +100,7 @@ def fresh_optimizer_state(tx, params, old_opt_state=None):
 def initial_state(config, variables, tx) -> steps.TrainState:
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
   params, batch_stats = variables['params'], variables['batch_stats']
-  return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, tx.init(params), rng)
+  return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, jax.jit(tx.init)(params), rng)
 
 
 def _log_progress(stage_label, epoch, epochs, done, total, start_time, last, writer, global_step):
@@ -193,7 +193,7 @@ def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> d
     if meta['best_score'] is None or score > meta['best_score'] or (
         np.isnan(meta['best_score']) and not np.isnan(score)):
       meta['best_score'], meta['bad_epochs'] = score, 0
-      tree = dict(tree, best=jax.tree.map(jnp.copy, _variables(state)))
+      tree = dict(tree, best=parallel.copy_tree(_variables(state)))
     else:
       meta['bad_epochs'] += 1
     tree = dict(tree, state=state)
@@ -204,7 +204,7 @@ def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> d
       break
   tree = dict(tree, state=state)
   if meta['best_score'] is not None:  # Keep the best epoch's weights (the seed's early stopping).
-    best = tree['best']
+    best = parallel.copy_tree(tree['best'])  # Own buffers: the next stage's step donates the state.
     tree['state'] = state._replace(params=best['params'], batch_stats=best['batch_stats'])
   return tree
 
@@ -226,7 +226,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   counts = multitask.count_params(variables)
   tx = make_tx(config, data.steps_per_epoch[config.tasks[0]])
   state = initial_state(config, variables, tx)
-  teacher = jax.tree.map(jnp.copy, variables) if 'lwf' in config.strategy.names else {}
+  teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
   memories = {}
   if consolidation.needs_memory(config):
     size = consolidation.memory_size(config)
@@ -235,7 +235,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
                                                            size * len(config.tasks))}
     else:
       memories = {t: consolidation.empty_memory(data.example_batches[t], size) for t in config.tasks}
-  tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': jax.tree.map(jnp.copy, variables)}
+  tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': parallel.copy_tree(variables)}
   tree = parallel.replicate(mesh, tree)
   writer = tracking.make_writer(
       config, workdir, metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0))
@@ -269,7 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if meta['epoch'] == 0 and meta['stage_step'] == 0:  # A new stage: fresh base optimizer, strategies kept.
       tx, _ = _stage_functions(run, k, task)
       state = tree['state']
-      tree['state'] = state._replace(opt_state=fresh_optimizer_state(tx, state.params, state.opt_state))
+      # Placed like the step's outputs (replicated on the mesh), or the step's second call would re-trace; and
+      # copied, as strategies' states may hold the very arrays of the params (EWC's anchor) and the step donates.
+      tree['state'] = parallel.copy_tree(parallel.replicate(
+          run.mesh, state._replace(opt_state=fresh_optimizer_state(tx, state.params, state.opt_state))))
     tree = run_stage(k, run, tree, progress)
     meta['rows'].append(evaluation.evaluate_all(run, _variables(tree['state'])))
     logging.info('after stage %d (%s): %s', k + 1, task, meta['rows'][-1])

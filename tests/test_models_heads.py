@@ -89,7 +89,7 @@ def test_encode_decode_round_trip():
     half = rng.uniform(4, 30, (m, 2))
     boxes[i] = np.concatenate([centre - half, centre + half], -1)
   valid = np.ones((b, m), bool)
-  t = H.encode_targets(jnp.asarray(boxes), jnp.asarray(classes), jnp.asarray(valid), side)
+  t = jax.jit(H.encode_targets, static_argnums=3)(boxes, classes, valid, side)
   # A perfect prediction: heatmap logits of the targets, size/offset written at the centre cells.
   heat = jnp.clip(t['heatmap'], 1e-6, 1 - 1e-6)
   size = np.zeros((b, cells * cells, 2), np.float32)
@@ -116,7 +116,7 @@ def test_decode_keeps_local_maxima_only_and_image_scores():
   heat[0, 5, 5, 0] = 0.5
   heat[0, 2, 3, 2] = 1.5  # Same cell as a suppressed one, other class: kept.
   det = {'heatmap': jnp.asarray(heat), 'size': jnp.ones((1, 6, 6, 2)) * 2, 'offset': jnp.full((1, 6, 6, 2), 0.5)}
-  out = H.decode_detections(det, max_detections=4)
+  out = jax.jit(H.decode_detections, static_argnames='max_detections')(det, max_detections=4)
   sig = lambda v: 1 / (1 + np.exp(-v))
   np.testing.assert_allclose(np.asarray(out['scores'][0, :3]), sig(np.array([3.0, 1.5, 0.5])), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(out['classes'][0, :3]), [1, 2, 0])
@@ -127,6 +127,7 @@ def test_decode_keeps_local_maxima_only_and_image_scores():
 @pytest.mark.parametrize('method', ['bilinear', 'nearest'])
 def test_upsample_matches_jax_image_resize(method):
   x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 7, 3)), jnp.float32)
-  for hw in [(10, 14), (20, 28), (15, 7), (40, 21), (11, 9)]:  # x2, x4, x3 / x1, x8 / x3, non-integer.
-    want = jax.image.resize(x, (2, *hw, 3), method)
-    np.testing.assert_allclose(np.asarray(H.upsample(x, hw, method)), np.asarray(want), atol=2e-6, err_msg=str(hw))
+  sizes = [(10, 14), (20, 28), (15, 7), (40, 21), (11, 9)]  # x2, x4, x3 / x1, x8 / x3, non-integer.
+  run = jax.jit(lambda x: [(H.upsample(x, hw, method), jax.image.resize(x, (2, *hw, 3), method)) for hw in sizes])
+  for hw, (got, want) in zip(sizes, run(x)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, err_msg=str(hw))

@@ -5,7 +5,6 @@ import pickle
 import zipfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util

@@ -43,3 +43,12 @@ def test_fresh_starts_in_a_new_subfolder(tmp_path):
   assert newer == os.path.join(str(tmp_path), 'run_2')
   # The same changed config again resumes its own subfolder instead of making a third.
   assert workdirs.prepare(str(tmp_path), _config(lr=0.1), fresh=True) == new
+
+
+def test_a_workdir_in_use_is_refused_and_released_after(tmp_path):
+  with workdirs.lock(str(tmp_path)):
+    with pytest.raises(ValueError, match='in use by another running process'):
+      with workdirs.lock(str(tmp_path)):
+        pass
+  with workdirs.lock(str(tmp_path)):  # Released when the first holder left.
+    pass

@@ -20,10 +20,9 @@ HEATMAP_PRIOR = 0.1  # CenterNet: the heatmap starts at sigmoid(bias) = 0.1.
 def _upsample_axis(x, factor, axis):
   """Bilinear x`factor` along `axis` (half-pixel centres, edge clamp): 2 taps per output."""
   n = x.shape[axis]
-  take = lambda start: jax.lax.slice_in_dim(x_pad, start, start + n, axis=axis)
   x_pad = jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
                            jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
-  prev, here, nxt = take(0), take(1), take(2)
+  prev, here, nxt = (jax.lax.slice_in_dim(x_pad, i, i + n, axis=axis) for i in range(3))
   phases = []
   for r in range(factor):
     d = (2 * r + 1 - factor) / (2 * factor)  # Source offset of output r within its cell.

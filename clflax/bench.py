@@ -1,0 +1,418 @@
+r"""Benchmarks of the trainer's own compiled steps: `python -m clflax.bench`.
+
+Every timed step is `steps.jit_train_step` with `train.make_tx`, exactly as a stage runs it (state donated,
+replicated over the mesh, batch sharded), on random inputs of the right shapes. Rows:
+  step      per head x strategy: median seconds after warm-up, images/s, trace / cold compile / cached compile s
+  fisher    EWC's per-example Fisher (ewc.fisher_diagonal, as consolidate runs it): seconds per example,
+            against the batched naive step's seconds per image
+  classic   wall time of the Permuted-MNIST A-GEM run (launch.py in a subprocess; needs the MNIST data)
+With `--torch_ref DIR` (results/*.jsonl of the PyTorch reference, /work/shared/bench/pytorch_ref) it adds the
+speed ratios and says which goals are met. Timings only mean something on a quiet machine: the 1-minute load
+average is recorded before and after.
+
+  python -m clflax.bench                                   # Lite0, 224 px, batch 8
+  python -m clflax.bench --backbone b0 --torch_ref results  # beside the PyTorch B0 reference
+  python -m clflax.bench --backbone tiny --image_size 32 --batch 2 --iters 1 --warmup 0   # seconds
+"""
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import numpy as np
+
+from clflax import consolidate
+from clflax import parallel
+from clflax import steps
+from clflax import train
+from clflax.models import multitask
+from clflax.strategies import ewc
+from clflax.strategies import registry
+from clflax.strategies import replay
+
+STRATEGIES = {'naive': ('naive',), 'ewc': ('ewc',), 'agem': ('agem',), 'replay': ('replay',),
+              'ewc+agem': ('ewc', 'agem')}
+HEADS = ('seg', 'det', 'cls')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSIC_CONFIG = os.path.join(ROOT, 'configs', 'permuted_mnist.py')
+# Goals of issue 7 (ratios against the PyTorch reference run in the same session).
+GOALS = {'speedup_vs_torch': 1.5, 'agem_over_plain': 2.1, 'ewc_over_plain': 1.05, 'fisher_speedup_vs_torch': 10.0}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog='python -m clflax.bench', description=__doc__.split('\n')[0])
+  p.add_argument('--backbone', default='lite0', help='EfficientNet variant (b0..b7, lite0..lite4, tiny).')
+  p.add_argument('--image_size', type=int, default=224, help='Square input resolution.')
+  p.add_argument('--batch', type=int, default=8, help='Global batch (memory / replay batches are the same size).')
+  p.add_argument('--heads', nargs='+', default=list(HEADS), choices=HEADS)
+  p.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=list(STRATEGIES))
+  p.add_argument('--warmup', type=int, default=2, help='Untimed runs after compilation.')
+  p.add_argument('--iters', type=int, default=5, help='Timed runs; the median is reported.')
+  p.add_argument('--fisher_samples', type=int, default=16, help='Examples per Fisher run (0 skips the Fisher).')
+  p.add_argument('--fisher_chunk', type=int, default=4, help='chunk_size of ewc.fisher_diagonal (consolidate: 4).')
+  p.add_argument('--depthwise', default='auto', choices=('auto', 'shifted', 'xla'))
+  p.add_argument('--fast_compile', action='store_true', help='jax_disable_most_optimizations (tiny models only).')
+  p.add_argument('--no_compile_cache', action='store_true', help='Skip the cached-compile measurement.')
+  p.add_argument('--cache_dir', default='', help="Persistent compilation cache ('' = a fresh temporary folder).")
+  p.add_argument('--classic', choices=('auto', 'skip'), default='auto', help='Time the Permuted-MNIST run.')
+  p.add_argument('--classic_args', default='', help='Extra launch.py flags for the Permuted-MNIST run.')
+  p.add_argument('--torch_ref', default='', help='Folder with the PyTorch reference multitask_step/ewc/agem.jsonl.')
+  p.add_argument('--json', default='', help="Output JSON path ('' = bench_<backbone>_<size>_b<batch>.json).")
+  args = p.parse_args(argv)
+  for name in ('image_size', 'batch', 'iters'):
+    if getattr(args, name) <= 0:
+      raise ValueError(f'--{name}={getattr(args, name)} must be > 0')
+  for name in ('warmup', 'fisher_samples', 'fisher_chunk'):
+    if getattr(args, name) < 0:
+      raise ValueError(f'--{name}={getattr(args, name)} must be >= 0')
+  if args.image_size % 32:
+    raise ValueError(f'--image_size={args.image_size} must be a multiple of 32')
+  if args.torch_ref and not os.path.isdir(args.torch_ref):
+    raise FileNotFoundError(f'--torch_ref={args.torch_ref!r} is not a directory')
+  return args
+
+
+def load() -> float:
+  """The 1-minute load average: timings are only comparable on a quiet machine."""
+  return os.getloadavg()[0]
+
+
+def bench_config(args, names: tuple[str, ...]):
+  """The default run's config with the benchmark's model, batch and strategy (random init)."""
+  spec = importlib.util.spec_from_file_location('_clflax_default_config', os.path.join(ROOT, 'configs', 'default.py'))
+  default = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(default)
+  config = default.get_config()
+  config.fast_compile = bool(args.fast_compile)
+  config.model.backbone = args.backbone
+  config.model.pretrained = ''
+  config.model.image_size = args.image_size
+  config.model.depthwise = args.depthwise
+  config.train.batch_size = args.batch
+  config.strategy.names = names
+  config.strategy.agem.ref_batch = args.batch  # As the PyTorch reference: memory batch = batch.
+  config.strategy.replay.batch = args.batch
+  for name in ('agem', 'replay'):
+    config.strategy[name].memory_per_task = 2 * args.batch
+  if args.backbone == 'tiny':
+    config.model.neck_channels = 16
+  return config
+
+
+def fake_batch(task: str, batch: int, size: int, seed: int = 0, max_boxes: int = 32) -> dict:
+  """Random inputs with the pipeline's keys, shapes and dtypes (clflax.data.pipeline)."""
+  rng = np.random.default_rng(seed)
+  out = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8), 'valid': np.ones(batch, bool)}
+  if task == 'seg':
+    mask = rng.integers(0, 21, (batch, size, size)).astype(np.int32)
+    out['mask'] = np.where(rng.random(mask.shape) < 0.1, 255, mask).astype(np.int32)
+  elif task == 'det':
+    corner = rng.uniform(0, size / 2, (batch, max_boxes, 2))
+    extent = rng.uniform(8, size / 2, (batch, max_boxes, 2))
+    out['boxes'] = np.concatenate([corner, corner + extent], -1).astype(np.float32)
+    out['classes'] = rng.integers(0, 80, (batch, max_boxes)).astype(np.int32)
+    out['box_valid'] = np.arange(max_boxes)[None] < rng.integers(1, max_boxes // 4 + 2, (batch, 1))
+    out['image_id'] = np.arange(batch, dtype=np.int32)
+  elif task == 'cls':
+    out['label'] = rng.integers(0, 10, (batch,)).astype(np.int32)
+  else:
+    raise ValueError(f'unknown task {task!r}; expected one of {HEADS}')
+  return out
+
+
+class Setup(NamedTuple):
+  """One head x strategy: the trainer's jitted step, a way to build it anew, and its arguments."""
+  step_fn: Any
+  remake: Callable[[], Any]  # A new jitted step (new trace; compiles from the persistent cache).
+  state: Any
+  batch: dict
+  context: Any
+
+
+@jax.jit
+def _ewc_stand_ins(params, key):
+  """A random Fisher and an anchor 1% away: the penalty then does the work of a consolidated task."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, 2 * len(leaves))
+  fisher = [jax.random.uniform(k, p.shape, p.dtype) for k, p in zip(keys[::2], leaves)]
+  anchor = [p + 0.01 * jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys[1::2], leaves)]
+  return jax.tree.unflatten(treedef, fisher), jax.tree.unflatten(treedef, anchor)
+
+
+def setup_step(config, task: str, model, variables, mesh) -> Setup:
+  """The stage's step of head `task` with strategy config.strategy.names, as train.run_stage builds it.
+
+  Memory strategies see one earlier task: the same head, with a full memory (as the PyTorch reference's
+  memory batch); EWC has a random non-zero Fisher and a moved anchor, so its penalty does real work.
+  """
+  names = set(config.strategy.names)
+  variables = jax.device_put(jax.device_get(variables))  # Own buffers: the state is donated.
+  tx = train.make_tx(config, steps_per_epoch=100)
+  state = train.initial_state(config, variables, tx)
+  if 'ewc' in names:
+    fisher, anchor = _ewc_stand_ins(state.params, jax.random.PRNGKey(7))
+    state = state._replace(opt_state=registry.replace_state(
+        state.opt_state, ewc.EwcState, lambda s: ewc.consolidate(s, anchor, fisher)))
+  earlier = (task,) if names & {'agem', 'replay'} else ()
+  memories = {}
+  for old in earlier:
+    examples = consolidate.with_valid(fake_batch(old, 2 * config.train.batch_size, config.model.image_size, 1))
+    memories[old] = replay.append(consolidate.empty_memory(examples, 2 * config.train.batch_size), examples)
+  context = steps.Context(memories, {})
+  state, context = parallel.replicate(mesh, (state, context))
+
+  def remake():
+    return steps.jit_train_step(model, tx, task, earlier, config, parallel.replicated(mesh),
+                                parallel.batch_sharding(mesh))
+
+  batch = parallel.shard_batch(mesh, fake_batch(task, config.train.batch_size, config.model.image_size))
+  return Setup(remake(), remake, state, batch, context)
+
+
+class CacheEvents:
+  """Counts persistent compilation cache hits (jax.monitoring events) while the benchmark runs."""
+
+  def __init__(self):
+    self.hits = 0
+    jax.monitoring.register_event_listener(self._on_event)
+
+  def _on_event(self, event, **kwargs):
+    del kwargs
+    if event == '/jax/compilation_cache/cache_hits':
+      self.hits += 1
+
+
+def compile_step(fn, args: tuple) -> tuple[Any, float, float]:
+  """(executable, trace + lowering seconds, XLA compile seconds) of jitted `fn` on `args`."""
+  t0 = time.perf_counter()
+  lowered = fn.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, t1 - t0, time.perf_counter() - t1
+
+
+def time_calls(fn, carry, rest: tuple, warmup: int, iters: int) -> tuple[list[float], Any]:
+  """Runs carry, out = fn(carry, *rest) warmup + iters times; returns the timed seconds and the last carry.
+
+  Each timed call waits for its results (jax.block_until_ready), so a run is a whole step.
+  """
+  times = []
+  for i in range(warmup + iters):
+    t = time.perf_counter()
+    carry, out = fn(carry, *rest)
+    jax.block_until_ready((carry, out))
+    if i >= warmup:
+      times.append(time.perf_counter() - t)
+  return times, carry
+
+
+def summary(times: Sequence[float]) -> dict:
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times), 'iters': len(times)}
+
+
+def bench_step(args, config, task, model, variables, mesh, cache: Optional[CacheEvents]) -> dict:
+  """One row: compile (cold, then from the persistent cache) and time the step of `task`."""
+  s = setup_step(config, task, model, variables, mesh)
+  hits = cache.hits if cache else 0
+  compiled, trace_s, compile_s = compile_step(s.step_fn, (s.state, s.batch, s.context))
+  row = {'kind': 'step', 'head': task, 'strategy': '+'.join(config.strategy.names), 'trace_s': trace_s,
+         'compile_cold_s': compile_s, 'cold_was_cache_hit': bool(cache and cache.hits > hits)}
+  if cache and not args.no_compile_cache:
+    hits = cache.hits
+    _, trace2_s, compile2_s = compile_step(s.remake(), (s.state, s.batch, s.context))
+    row.update(trace_again_s=trace2_s, compile_cached_s=compile2_s, cache_hit=cache.hits > hits)
+  times, _ = time_calls(lambda st, b, c: compiled(st, b, c), s.state, (s.batch, s.context), args.warmup, args.iters)
+  row.update(summary(times), images_per_s=args.batch / statistics.median(times), load=load())
+  return row
+
+
+def bench_fisher(args, config, task, model, variables) -> dict:
+  """EWC's exact Fisher on `fisher_samples` examples, built as consolidate.consolidate builds it."""
+  n = args.fisher_samples
+  examples = consolidate.with_valid(fake_batch(task, n, args.image_size, seed=2))
+  loss_fn = consolidate._example_loss(model, variables, task, config.train)  # pylint: disable=protected-access
+  fn = jax.jit(lambda p, b: ewc.fisher_diagonal(loss_fn, p, b, chunk_size=args.fisher_chunk or None))
+  compiled, trace_s, compile_s = compile_step(fn, (variables['params'], examples))
+  times, _ = time_calls(lambda carry, p, b: (carry, compiled(p, b)), None, (variables['params'], examples),
+                        min(args.warmup, 1), args.iters)
+  med = statistics.median(times)
+  return {'kind': 'fisher', 'head': task, 'n_samples': n, 'chunk': args.fisher_chunk, 'trace_s': trace_s,
+          'compile_cold_s': compile_s, **summary(times), 's_per_sample': med / n, 'load': load()}
+
+
+def bench_classic(args) -> dict:
+  """Wall time of the classic Permuted-MNIST run (launch.py in a subprocess), or a note why it is skipped."""
+  if args.classic == 'skip':
+    return {'kind': 'classic', 'skipped': 'skipped by --classic=skip'}
+  with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, os.path.join(ROOT, 'launch.py'), f'--config={CLASSIC_CONFIG}:agem',
+           f'--workdir={workdir}/run'] + args.classic_args.split()
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t
+  row = {'kind': 'classic', 'command': ' '.join(cmd[1:]), 'wall_s': wall, 'returncode': proc.returncode}
+  if proc.returncode:
+    row['error'] = (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+  return row
+
+
+def read_torch_ref(folder: str, res: int) -> dict:
+  """The PyTorch reference's medians at resolution `res` from its JSON-lines results."""
+  ref = {'step': {}, 'ewc': {}, 'agem': {}, 'fisher': {}}
+  for name in ('multitask_step.jsonl', 'ewc.jsonl', 'agem.jsonl'):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      continue
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.startswith('{')]
+    for r in records:
+      if r.get('res') != res:
+        continue
+      if r['kind'] == 'train_step':
+        ref['step'][r['head']] = r['median_s']
+      elif r['kind'] == 'ewc_step':
+        ref['ewc'].setdefault(r['head'], {})[r['variant']] = r['median_s']
+      elif r['kind'] == 'agem_cnn':
+        ref['agem'].setdefault(r['head'], {})[r['variant']] = r['median_s']
+      elif r['kind'] == 'fisher_per_sample':
+        ref['fisher'][r['head']] = r['s_per_sample_overall']
+  return ref
+
+
+def torch_seconds(ref: dict, head: str, strategy: str) -> Optional[float]:
+  """The reference's step time for the same head and strategy (None where it has no such step)."""
+  if strategy == 'naive':
+    return ref['step'].get(head)
+  if strategy == 'ewc':
+    return ref['ewc'].get(head, {}).get('ewc')
+  if strategy == 'agem':
+    return ref['agem'].get(head, {}).get('agem')
+  return None
+
+
+def compare(rows: list[dict], ref: Optional[dict]) -> dict:
+  """Ratios of the measured rows (and against the reference, when given) and which goals are met."""
+  steps = {(r['head'], r['strategy']): r for r in rows if r['kind'] == 'step'}
+  out = {'ratios': {}, 'goals': {}}
+  for (head, strategy), r in steps.items():
+    plain = steps.get((head, 'naive'))
+    if plain and strategy != 'naive':
+      out['ratios'][f'{strategy}/naive {head}'] = r['median_s'] / plain['median_s']
+    if ref and (ts := torch_seconds(ref, head, strategy)):
+      r['torch_median_s'] = ts
+      r['speedup_vs_torch'] = ts / r['median_s']
+  for r in rows:
+    if r['kind'] == 'fisher':
+      plain = steps.get((r['head'], 'naive'))
+      if plain:
+        r['batched_s_per_image'] = 1.0 / plain['images_per_s']
+        r['fisher_over_batched_per_image'] = r['s_per_sample'] / r['batched_s_per_image']
+      if ref and r['head'] in ref['fisher']:
+        r['torch_s_per_sample'] = ref['fisher'][r['head']]
+        r['fisher_speedup_vs_torch'] = ref['fisher'][r['head']] / r['s_per_sample']
+
+  def goal(name, values, ok):
+    if values:
+      out['goals'][name] = {'values': values, 'target': GOALS[name.split(' ')[0]],
+                            'met': all(ok(v) for v in values.values())}
+
+  goal('speedup_vs_torch', {f"{r['strategy']} {r['head']}": r['speedup_vs_torch'] for r in steps.values()
+                            if 'speedup_vs_torch' in r}, lambda v: v >= GOALS['speedup_vs_torch'])
+  for strategy, key in (('agem', 'agem_over_plain'), ('ewc', 'ewc_over_plain')):
+    goal(key, {k.split(' ')[1]: v for k, v in out['ratios'].items() if k.startswith(f'{strategy}/')},
+         lambda v, key=key: v <= GOALS[key])
+  goal('fisher_speedup_vs_torch', {r['head']: r['fisher_speedup_vs_torch'] for r in rows
+                                   if 'fisher_speedup_vs_torch' in r},
+       lambda v: v >= GOALS['fisher_speedup_vs_torch'])
+  return out
+
+
+def table(rows: list[dict], comparison: dict) -> str:
+  """The human-readable report."""
+  lines = [f"{'head':4} {'strategy':9} {'median s':>9} {'img/s':>7} {'trace s':>8} {'cold s':>8} "
+           f"{'cached s':>8} {'torch s':>8} {'x torch':>7}"]
+  for r in rows:
+    if r['kind'] == 'step':
+      cached = r.get('compile_cached_s')
+      lines.append(f"{r['head']:4} {r['strategy']:9} {r['median_s']:9.3f} {r['images_per_s']:7.2f} "
+                   f"{r['trace_s']:8.2f} {r['compile_cold_s']:8.2f} "
+                   f"{'-' if cached is None else format(cached, '8.2f'):>8} "
+                   f"{format(r['torch_median_s'], '8.3f') if 'torch_median_s' in r else '-':>8} "
+                   f"{format(r['speedup_vs_torch'], '7.2f') if 'speedup_vs_torch' in r else '-':>7}")
+  for r in rows:
+    if r['kind'] == 'fisher':
+      extra = ''
+      if 'batched_s_per_image' in r:
+        extra += f", batched step {r['batched_s_per_image']:.4f} s/image (x{r['fisher_over_batched_per_image']:.2f})"
+      if 'torch_s_per_sample' in r:
+        extra += f", torch loop {r['torch_s_per_sample']:.4f} s/sample (x{r['fisher_speedup_vs_torch']:.2f} faster)"
+      lines.append(f"fisher {r['head']}: {r['s_per_sample']:.4f} s/sample over {r['n_samples']} "
+                   f"(compile {r['compile_cold_s']:.1f} s){extra}")
+    elif r['kind'] == 'classic':
+      lines.append(f"classic Permuted-MNIST: {r['skipped']}" if 'skipped' in r else
+                   f"classic Permuted-MNIST: {r['wall_s']:.1f} s wall (exit {r['returncode']})")
+  for name, v in comparison['ratios'].items():
+    lines.append(f'ratio {name}: {v:.3f}')
+  for name, g in comparison['goals'].items():
+    values = ', '.join(f'{k} {v:.2f}' for k, v in g['values'].items())
+    lines.append(f"goal {name} (target {g['target']}): {'MET' if g['met'] else 'NOT MET'} [{values}]")
+  return '\n'.join(lines)
+
+
+def run(args) -> dict:
+  """Runs every requested row; returns the JSON-able results."""
+  cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='clflax_bench_cache_')
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  if args.fast_compile:
+    jax.config.update('jax_disable_most_optimizations', True)
+  cache = CacheEvents()
+  start_load = load()
+  mesh = parallel.make_mesh()
+  base = bench_config(args, ('naive',))
+  model = train.build_model(base)
+  with jax.default_prng_impl('rbg'):  # As train.setup_run.
+    variables = multitask.init_variables(model, jax.random.PRNGKey(0), args.image_size)
+  rows = []
+  for task in args.heads:
+    for strategy in args.strategies:
+      rows.append(bench_step(args, bench_config(args, STRATEGIES[strategy]), task, model, variables, mesh, cache))
+      print(f"  {task} {strategy}: {rows[-1]['median_s']:.3f} s (load {rows[-1]['load']:.1f})", flush=True)
+  if args.fisher_samples:
+    for task in args.heads:
+      rows.append(bench_fisher(args, bench_config(args, ('ewc',)), task, model, variables))
+  rows.append(bench_classic(args))
+  ref = read_torch_ref(args.torch_ref, args.image_size) if args.torch_ref else None
+  comparison = compare(rows, ref)
+  return {'args': vars(args), 'devices': [str(d) for d in jax.devices()], 'backend': jax.default_backend(),
+          'params': multitask.count_params(variables)['total'], 'load_start': start_load, 'load_end': load(),
+          'cpu_count': os.cpu_count(), 'rows': rows, **comparison}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  try:
+    args = parse_args(argv)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  results = run(args)
+  path = args.json or f'bench_{args.backbone}_{args.image_size}_b{args.batch}.json'
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=1)
+  print(f"{args.backbone} {args.image_size}px batch {args.batch}, {results['params']} params, load "
+        f"{results['load_start']:.1f} -> {results['load_end']:.1f} on {results['cpu_count']} cores")
+  print(table(results['rows'], results))
+  print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
