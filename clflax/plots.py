@@ -56,6 +56,27 @@ def _log_scale(values: np.ndarray) -> bool:
   return bool(finite.size and finite.min() > 0 and finite.max() / finite.min() > 100)
 
 
+def _smoothed(losses: np.ndarray) -> np.ndarray | None:
+  """A running mean over ~2% of the points for long, noisy per-step curves (None for short ones)."""
+  window = losses.size // 50
+  if window < 5:
+    return None
+  kernel = np.ones(window) / window
+  padded = np.concatenate([np.full(window - 1, losses[0]), losses])
+  return np.convolve(padded, kernel, mode="valid")
+
+
+def _plot_curve(ax, steps, losses, color, label=None):
+  """Raw per-step losses, faint under their running mean when they are long enough to be noise."""
+  smooth = _smoothed(losses)
+  if smooth is None:
+    ax.plot(steps, losses, color=color, linewidth=1.2, marker="o" if steps.size < 20 else None, markersize=3,
+            label=label)
+  else:
+    ax.plot(steps, losses, color=color, linewidth=0.5, alpha=0.25)
+    ax.plot(steps, smooth, color=color, linewidth=1.4, label=label)
+
+
 def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per stage", ylabel: str = "loss") -> str:
   """Loss against step. Up to 4 stages: one panel each (their losses differ in kind and scale); more: one panel,
   stages laid end to end when their step counts restart. Log scale when a panel spans more than two decades."""
@@ -72,7 +93,7 @@ def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per 
     fig = _figure(max(5.0, 3.8 * len(data)), 3.6)
     axes = fig.subplots(1, len(data), squeeze=False)[0]
     for ax, (stage, steps, losses), color in zip(axes, data, colors):
-      ax.plot(steps, losses, color=color, linewidth=1.2, marker="o" if steps.size < 20 else None, markersize=3)
+      _plot_curve(ax, steps, losses, color)
       log = _log_scale(losses)
       if log:
         ax.set_yscale("log")
@@ -87,7 +108,7 @@ def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per 
   for k, (stage, steps, losses) in enumerate(data):
     if k and steps.size and steps.min() <= offset:  # stage-local step counts: continue after the last stage
       restarted, steps = True, steps + offset
-    ax.plot(steps, losses, color=colors[k], linewidth=1.2, label=stage)
+    _plot_curve(ax, steps, losses, colors[k], label=stage)
     if k and steps.size:
       ax.axvline(steps.min(), color="0.6", linewidth=0.6, linestyle="--")
     offset = max(offset, float(steps.max()) if steps.size else offset)

@@ -6,6 +6,8 @@ import pytest
 
 from clflax import run
 from configs import permuted_mnist
+from configs import rotated_mnist
+from configs import split_mnist
 
 
 def _final_and_forgetting(workdir):
@@ -34,3 +36,23 @@ def test_agem_forgets_less_than_vanilla(shared_data, tmp_path):
 def test_unknown_strategy_is_refused():
   with pytest.raises(ValueError, match="unknown strategy 'bogus'"):
     permuted_mnist.get_config('agem+bogus')
+
+
+@pytest.mark.parametrize('multi_head', [False, True], ids=['class_incremental', 'task_incremental'])
+def test_split_mnist_learns_each_pair_and_class_incremental_forgets(shared_data, tmp_path, multi_head):
+  config = split_mnist.get_config('vanilla,smoke' + (',multi_head' if multi_head else ''))
+  config.data_dir = str(shared_data)
+  assert run.main(config, str(tmp_path)) == 0
+  _, forgetting, matrix = _final_and_forgetting(tmp_path)
+  assert matrix.shape == (5, 5)
+  assert np.diag(matrix).min() > 85  # Telling two digits apart is easy after one epoch of 200 images...
+  if multi_head:
+    assert forgetting < 30  # ...and with the task's own 2-way head it mostly stays so;
+  else:
+    assert forgetting > 50  # with one 10-way head, fine-tuning on the new pair erases the old ones (known result).
+
+
+def test_rotated_mnist_rotates_each_task_by_its_own_angle():
+  config = rotated_mnist.get_config('agem')
+  assert config.classic.protocol == 'rotated' and len(config.tasks) == 17
+  assert permuted_mnist.get_config('agem').strategy.names == config.strategy.names

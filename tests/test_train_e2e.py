@@ -23,6 +23,7 @@ def test_smoke_run_writes_every_report(get_config, tmp_path):
   config = get_config('smoke')
   config.train.epochs.seg = config.train.epochs.det = config.train.epochs.cls = 1
   config.train.steps_per_epoch = 2
+  config.model.image_size = 32  # Compiles faster than the preset's 64 px; the shapes are otherwise the same.
   results = _run(config, tmp_path)
   report.validate_results(results)  # The results contract.
   assert results['stages'] == ['seg', 'det', 'cls']
@@ -40,6 +41,4 @@ def test_smoke_run_writes_every_report(get_config, tmp_path):
   assert list(manager.all_steps()) == [1, 2, 3]
   step, meta = checkpoints.latest_meta(manager)
   assert step == 3 and meta['stage'] == 3 and len(meta['rows']) == 3
-  # Rerunning the finished run resumes from the last snapshot and reproduces the same scores.
-  again = _run(config, tmp_path)
-  assert again['metrics'] == results['metrics']
+  # Exact resume after crashes at every point: test_reliability.py.

@@ -1,0 +1,17 @@
+r"""Rotated MNIST: the Permuted-MNIST protocol of permuted_mnist.py with each task a fixed rotation instead.
+
+20 rotation angles evenly spaced over [0, 180) degrees (9 apart; the first 3 for tuning), each of the 17 learned
+tasks one epoch over 55,000 images with batch 10; the digits are rotated inside the compiled epoch. Same args as
+permuted_mnist.py (the strategy, '+' compositions, ',smoke'), same published learning rates (the A-GEM paper tuned
+them on permutations; expect a different table).
+
+Command (the four MNIST idx files in <data_dir>/mnist; ~1 min per non-A-GEM run, ~4 min for A-GEM on 2 CPU cores):
+  python launch.py --config configs/rotated_mnist.py:agem --config.data_dir=../shared/data --workdir runs/rm_agem
+"""
+from configs import permuted_mnist
+
+
+def get_config(arg='agem'):
+  config = permuted_mnist.get_config(arg)
+  config.classic.protocol = 'rotated'  # Task t rotates every digit by its own angle.
+  return config
