@@ -89,6 +89,8 @@ def plot_loss_curves(path: str, curves: Curves, title: str = "Training loss per 
       raise ValueError(f"stage '{stage}': {steps.size} steps but {losses.size} losses")
     data.append((str(stage), steps, losses))
   colors = _colors(len(data))
+  if any(_smoothed(losses) is not None for _, _, losses in data):
+    title += "\n(lines: running mean over 2% of a stage's steps; faint: every step)"
   if len(data) <= 4:
     fig = _figure(max(5.0, 3.8 * len(data)), 3.6)
     axes = fig.subplots(1, len(data), squeeze=False)[0]

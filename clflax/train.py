@@ -218,8 +218,9 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   with jax.default_prng_impl('rbg'):  # Compiles several times faster than threefry for the many initialisers.
     key = jax.random.PRNGKey(config.seed)
     if run_is_classic(config):
-      variables = dict(model.init(key, jnp.asarray(data.example_batches[config.tasks[0]]['image'][:1])),
-                       batch_stats={})
+      example = data.example_batches[config.tasks[0]]
+      heads = {'head': jnp.asarray(example['head'][:1])} if 'head' in example else {}  # Multi-head MLPs.
+      variables = dict(model.init(key, jnp.asarray(example['image'][:1]), **heads), batch_stats={})
     else:
       variables = multitask.init_variables(model, key, config.model.image_size,
                                            pretrained_path=config.model.pretrained or None)

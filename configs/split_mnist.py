@@ -6,7 +6,7 @@ their ~10,000 training images (the smallest task's count, after the 5,000-image 
 SGD with the strategy's Permuted-MNIST learning rate. Same args as permuted_mnist.py (strategy, '+' compositions,
 ',smoke'), plus ',multi_head'.
 
-Command (the four MNIST idx files in <data_dir>/mnist; well under a minute per run on 2 CPU cores):
+Command (the four MNIST idx files in <data_dir>/mnist; 5 tasks of ~10,000 steps each):
   python launch.py --config configs/split_mnist.py:agem --config.data_dir=../shared/data --workdir runs/sm_agem
 """
 import ml_collections
