@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
+from clflax import bench_report
 from clflax import consolidate
 from clflax import parallel
 from clflax import steps
@@ -42,8 +43,6 @@ STRATEGIES = {'naive': ('naive',), 'ewc': ('ewc',), 'agem': ('agem',), 'replay':
 HEADS = ('seg', 'det', 'cls')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSIC_CONFIG = os.path.join(ROOT, 'configs', 'permuted_mnist.py')
-# Goals of issue 7 (ratios against the PyTorch reference run in the same session).
-GOALS = {'speedup_vs_torch': 1.5, 'agem_over_plain': 2.1, 'ewc_over_plain': 1.05, 'fisher_speedup_vs_torch': 10.0}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -263,109 +262,6 @@ def bench_classic(args) -> dict:
   return row
 
 
-def read_torch_ref(folder: str, res: int) -> dict:
-  """The PyTorch reference's medians at resolution `res` from its JSON-lines results."""
-  ref = {'step': {}, 'ewc': {}, 'agem': {}, 'fisher': {}}
-  for name in ('multitask_step.jsonl', 'ewc.jsonl', 'agem.jsonl'):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      continue
-    with open(path) as f:
-      records = [json.loads(line) for line in f if line.startswith('{')]
-    for r in records:
-      if r.get('res') != res:
-        continue
-      if r['kind'] == 'train_step':
-        ref['step'][r['head']] = r['median_s']
-      elif r['kind'] == 'ewc_step':
-        ref['ewc'].setdefault(r['head'], {})[r['variant']] = r['median_s']
-      elif r['kind'] == 'agem_cnn':
-        ref['agem'].setdefault(r['head'], {})[r['variant']] = r['median_s']
-      elif r['kind'] == 'fisher_per_sample':
-        ref['fisher'][r['head']] = r['s_per_sample_overall']
-  return ref
-
-
-def torch_seconds(ref: dict, head: str, strategy: str) -> Optional[float]:
-  """The reference's step time for the same head and strategy (None where it has no such step)."""
-  if strategy == 'naive':
-    return ref['step'].get(head)
-  if strategy == 'ewc':
-    return ref['ewc'].get(head, {}).get('ewc')
-  if strategy == 'agem':
-    return ref['agem'].get(head, {}).get('agem')
-  return None
-
-
-def compare(rows: list[dict], ref: Optional[dict]) -> dict:
-  """Ratios of the measured rows (and against the reference, when given) and which goals are met."""
-  steps = {(r['head'], r['strategy']): r for r in rows if r['kind'] == 'step'}
-  out = {'ratios': {}, 'goals': {}}
-  for (head, strategy), r in steps.items():
-    plain = steps.get((head, 'naive'))
-    if plain and strategy != 'naive':
-      out['ratios'][f'{strategy}/naive {head}'] = r['median_s'] / plain['median_s']
-    if ref and (ts := torch_seconds(ref, head, strategy)):
-      r['torch_median_s'] = ts
-      r['speedup_vs_torch'] = ts / r['median_s']
-  for r in rows:
-    if r['kind'] == 'fisher':
-      plain = steps.get((r['head'], 'naive'))
-      if plain:
-        r['batched_s_per_image'] = 1.0 / plain['images_per_s']
-        r['fisher_over_batched_per_image'] = r['s_per_sample'] / r['batched_s_per_image']
-      if ref and r['head'] in ref['fisher']:
-        r['torch_s_per_sample'] = ref['fisher'][r['head']]
-        r['fisher_speedup_vs_torch'] = ref['fisher'][r['head']] / r['s_per_sample']
-
-  def goal(name, values, ok):
-    if values:
-      out['goals'][name] = {'values': values, 'target': GOALS[name.split(' ')[0]],
-                            'met': all(ok(v) for v in values.values())}
-
-  goal('speedup_vs_torch', {f"{r['strategy']} {r['head']}": r['speedup_vs_torch'] for r in steps.values()
-                            if 'speedup_vs_torch' in r}, lambda v: v >= GOALS['speedup_vs_torch'])
-  for strategy, key in (('agem', 'agem_over_plain'), ('ewc', 'ewc_over_plain')):
-    goal(key, {k.split(' ')[1]: v for k, v in out['ratios'].items() if k.startswith(f'{strategy}/')},
-         lambda v, key=key: v <= GOALS[key])
-  goal('fisher_speedup_vs_torch', {r['head']: r['fisher_speedup_vs_torch'] for r in rows
-                                   if 'fisher_speedup_vs_torch' in r},
-       lambda v: v >= GOALS['fisher_speedup_vs_torch'])
-  return out
-
-
-def table(rows: list[dict], comparison: dict) -> str:
-  """The human-readable report."""
-  lines = [f"{'head':4} {'strategy':9} {'median s':>9} {'img/s':>7} {'trace s':>8} {'cold s':>8} "
-           f"{'cached s':>8} {'torch s':>8} {'x torch':>7}"]
-  for r in rows:
-    if r['kind'] == 'step':
-      cached = r.get('compile_cached_s')
-      lines.append(f"{r['head']:4} {r['strategy']:9} {r['median_s']:9.3f} {r['images_per_s']:7.2f} "
-                   f"{r['trace_s']:8.2f} {r['compile_cold_s']:8.2f} "
-                   f"{'-' if cached is None else format(cached, '8.2f'):>8} "
-                   f"{format(r['torch_median_s'], '8.3f') if 'torch_median_s' in r else '-':>8} "
-                   f"{format(r['speedup_vs_torch'], '7.2f') if 'speedup_vs_torch' in r else '-':>7}")
-  for r in rows:
-    if r['kind'] == 'fisher':
-      extra = ''
-      if 'batched_s_per_image' in r:
-        extra += f", batched step {r['batched_s_per_image']:.4f} s/image (x{r['fisher_over_batched_per_image']:.2f})"
-      if 'torch_s_per_sample' in r:
-        extra += f", torch loop {r['torch_s_per_sample']:.4f} s/sample (x{r['fisher_speedup_vs_torch']:.2f} faster)"
-      lines.append(f"fisher {r['head']}: {r['s_per_sample']:.4f} s/sample over {r['n_samples']} "
-                   f"(compile {r['compile_cold_s']:.1f} s){extra}")
-    elif r['kind'] == 'classic':
-      lines.append(f"classic Permuted-MNIST: {r['skipped']}" if 'skipped' in r else
-                   f"classic Permuted-MNIST: {r['wall_s']:.1f} s wall (exit {r['returncode']})")
-  for name, v in comparison['ratios'].items():
-    lines.append(f'ratio {name}: {v:.3f}')
-  for name, g in comparison['goals'].items():
-    values = ', '.join(f'{k} {v:.2f}' for k, v in g['values'].items())
-    lines.append(f"goal {name} (target {g['target']}): {'MET' if g['met'] else 'NOT MET'} [{values}]")
-  return '\n'.join(lines)
-
-
 def run(args) -> dict:
   """Runs every requested row; returns the JSON-able results."""
   cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='clflax_bench_cache_')
@@ -390,8 +286,8 @@ def run(args) -> dict:
     for task in args.heads:
       rows.append(bench_fisher(args, bench_config(args, ('ewc',)), task, model, variables))
   rows.append(bench_classic(args))
-  ref = read_torch_ref(args.torch_ref, args.image_size) if args.torch_ref else None
-  comparison = compare(rows, ref)
+  ref = bench_report.read_torch_ref(args.torch_ref, args.image_size) if args.torch_ref else None
+  comparison = bench_report.compare(rows, ref)
   return {'args': vars(args), 'devices': [str(d) for d in jax.devices()], 'backend': jax.default_backend(),
           'params': multitask.count_params(variables)['total'], 'load_start': start_load, 'load_end': load(),
           'cpu_count': os.cpu_count(), 'rows': rows, **comparison}
@@ -409,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json.dump(results, f, indent=1)
   print(f"{args.backbone} {args.image_size}px batch {args.batch}, {results['params']} params, load "
         f"{results['load_start']:.1f} -> {results['load_end']:.1f} on {results['cpu_count']} cores")
-  print(table(results['rows'], results))
+  print(bench_report.table(results['rows'], results))
   print(f'wrote {path}')
   return 0
 

@@ -11,10 +11,10 @@ import pathlib
 import subprocess
 import sys
 
-import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from fake_data import arrays as fake_arrays
 from clflax import checkpoints
 from clflax import inputs
 from clflax import run
@@ -42,20 +42,10 @@ def _config(seed=0):
   return config
 
 
-def _arrays(task, n, seed):
-  rng = np.random.default_rng(seed)
-  out = {'image': rng.integers(0, 256, (n, _SIZE, _SIZE, 3), dtype=np.uint8)}
-  if task == 'seg':
-    out['mask'] = rng.integers(0, 21, (n, _SIZE, _SIZE)).astype(np.int32)
-  else:
-    out['label'] = rng.integers(0, 10, n).astype(np.int32)
-  return out
-
-
 def _load(config):
   """Stands in for inputs.load: fixed random data (the seed only drives the model and the batch order)."""
-  train = {t: _arrays(t, _BATCH * _STEPS, i) for i, t in enumerate(config.tasks)}
-  val = {t: _arrays(t, _BATCH, 10 + i) for i, t in enumerate(config.tasks)}
+  train = {t: fake_arrays(t, _BATCH * _STEPS, i, _SIZE) for i, t in enumerate(config.tasks)}
+  val = {t: fake_arrays(t, _BATCH, 10 + i, _SIZE) for i, t in enumerate(config.tasks)}
   return inputs.from_arrays(train, val, batch_size=_BATCH, eval_batch_size=_BATCH, seed=config.seed)
 
 

@@ -8,6 +8,7 @@ import pathlib
 import jax
 import numpy as np
 
+from fake_data import arrays as fake_arrays
 from clflax import steps
 from clflax import train
 
@@ -32,21 +33,6 @@ def _config(names, tasks):
   return config
 
 
-def _arrays(task, n, seed):
-  rng = np.random.default_rng(seed)
-  out = {'image': rng.integers(0, 256, (n, _SIZE, _SIZE, 3), dtype=np.uint8)}
-  if task == 'seg':
-    out['mask'] = rng.integers(0, 21, (n, _SIZE, _SIZE)).astype(np.int32)
-  elif task == 'det':
-    corner = rng.uniform(0, _SIZE / 2, (n, 4, 2))
-    out['boxes'] = np.concatenate([corner, corner + rng.uniform(4, _SIZE / 2, (n, 4, 2))], -1).astype(np.float32)
-    out['classes'] = rng.integers(0, 80, (n, 4)).astype(np.int32)
-    out['box_valid'] = np.arange(4)[None] < rng.integers(1, 5, (n, 1))
-  else:
-    out['label'] = rng.integers(0, 10, n).astype(np.int32)
-  return out
-
-
 def test_jitted_step_keeps_one_executable():
   """The state that comes out of a step goes back in without a new cache entry (types, shardings, weak types)."""
   config = _config(('naive',), ('cls',))
@@ -56,7 +42,7 @@ def test_jitted_step_keeps_one_executable():
   tx = train.make_tx(config, steps_per_epoch=_STEPS)
   state = train.initial_state(config, variables, tx)
   step = steps.jit_train_step(model, tx, 'cls', (), config)
-  data = _arrays('cls', _BATCH, 0)
+  data = fake_arrays('cls', _BATCH, 0, _SIZE)
   data['valid'] = np.ones(_BATCH, bool)
   for _ in range(3):
     state, _ = step(state, data, steps.Context({}, {}))
