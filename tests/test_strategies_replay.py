@@ -145,6 +145,12 @@ def test_sample_balanced_only_valid_slots():
           jax.random.split(jax.random.key(5), 100)))
   assert all(sorted(row) == [1, 2, 3] for row in draws)
 
+  # With replacement across the gaps between classes' slots: stored ids only, each about a third of the draws.
+  many = np.asarray(jax.jit(jax.vmap(lambda k: replay.sample(buf, k, 12)['id']))(
+      jax.random.split(jax.random.key(6), 300)))
+  assert set(np.unique(many)) == {1, 2, 3}
+  assert all(abs(np.mean(many == i) - 1 / 3) < 0.03 for i in (1, 2, 3))
+
 
 def test_append_ring_order():
   buf = replay.init(4, {'id': jnp.zeros((), jnp.int32)})

@@ -200,10 +200,11 @@ def sample(buffer: Buffer, key: jax.Array, n: int) -> PyTree:
   _, without = jax.lax.top_k(scores, min(n, capacity))
   if n > capacity:
     without = jnp.concatenate([without, jnp.zeros((n - capacity,), jnp.int32)])
-  # With replacement (n > size): uniform over the valid slots.
-  logits = jnp.where(valid, 0.0, -jnp.inf)
-  with_ = jax.random.categorical(k_with, logits, shape=(n,))
+  # With replacement (n > size): uniform over the valid slots. (Not jax.random.categorical: its n x capacity
+  # Gumbel draws made A-GEM's step 5x slower on CPU.)
   total = size(buffer)
+  slots = jnp.flatnonzero(valid, size=capacity, fill_value=0)
+  with_ = slots[jax.random.randint(k_with, (n,), 0, jnp.maximum(total, 1))]
   idx = jnp.where(n <= total, without, with_)
   idx = jnp.where(total > 0, idx, 0)
   return jax.tree.map(lambda d: d[idx], buffer.data)
