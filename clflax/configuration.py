@@ -26,6 +26,28 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def sync_classic_tasks(config: ml_collections.ConfigDict) -> None:
+  """Classic protocols: makes config.tasks (and the per-task epochs / loss weights) follow `classic.num_tasks` and
+  `classic.skip_tasks`, so `--config.classic.num_tasks=6` works on the command line. Per-task values must be uniform
+  to be carried over; a mix is refused in one line."""
+  classic = config.get('classic')
+  if not classic:
+    return
+  wanted = tuple(f'task{i + 1}' for i in range(classic.skip_tasks, classic.num_tasks))
+  _require(len(wanted) > 0, f'config.classic.num_tasks={classic.num_tasks} leaves no task after '
+                            f'skip_tasks={classic.skip_tasks}')
+  if tuple(config.tasks) == wanted:
+    return
+  with config.unlocked():
+    config.tasks = wanted
+    for name in ('epochs', 'loss_weights'):
+      values = set(config.train[name].values())
+      _require(len(values) == 1, f'config.train.{name} differs between tasks; cannot resize it to {len(wanted)} '
+                                 'tasks (set config.classic.num_tasks in the config file instead)')
+      value = values.pop()
+      config.train[name] = ml_collections.ConfigDict({t: value for t in wanted})
+
+
 def _require(condition, message):
   if not condition:
     raise ValueError(f'invalid config: {message}')

@@ -111,6 +111,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
   try:
     with fault_hooks(os.environ.get(checkpoints.FAULT_ENV, '')):
       configuration.maybe_initialize_distributed(config)
+      configuration.sync_classic_tasks(config)
       configuration.validate(config, num_devices=jax.device_count())
       configuration.check_pretrained(config)
       workdir = workdirs.prepare(workdir, config, fresh=fresh)

@@ -56,3 +56,20 @@ def test_rotated_mnist_rotates_each_task_by_its_own_angle():
   config = rotated_mnist.get_config('agem')
   assert config.classic.protocol == 'rotated' and len(config.tasks) == 17
   assert permuted_mnist.get_config('agem').strategy.names == config.strategy.names
+
+
+def test_command_line_task_count_resizes_the_task_list():
+  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  config = permuted_mnist.get_config('vanilla')
+  config.classic.num_tasks = 6  # As --config.classic.num_tasks=6 does.
+  configuration.sync_classic_tasks(config)
+  assert tuple(config.tasks) == ('task4', 'task5', 'task6')
+  assert dict(config.train.epochs) == {'task4': 1, 'task5': 1, 'task6': 1}
+  configuration.validate(config)
+  config.train.epochs.task4 = 2
+  config.classic.num_tasks = 5
+  with pytest.raises(ValueError, match='epochs differs between tasks'):
+    configuration.sync_classic_tasks(config)
+  config.classic.skip_tasks = 5
+  with pytest.raises(ValueError, match='leaves no task'):
+    configuration.sync_classic_tasks(config)
