@@ -16,8 +16,9 @@ import numpy as np
 
 # Chaudhry et al., ICLR 2019, Table 1 (Permuted MNIST): A_T (%), F_T.
 PUBLISHED = {'vanilla': (47.95, 0.51), 'ewc': (68.35, 0.29), 'ewc_running': (68.35, 0.29), 'mas': (69.85, 0.27),
-             'si': (None, None), 'agem': (89.12, 0.07), 'replay': (None, None), 'agem+replay': (None, None)}
-DEFAULT_STRATEGIES = ('vanilla', 'ewc', 'ewc_running', 'mas', 'si', 'agem', 'replay', 'agem+replay')
+             'si': (None, None), 'agem': (89.12, 0.07), 'replay': (None, None), 'agem+replay': (None, None),
+             'joint': (95.4, None)}
+DEFAULT_STRATEGIES = ('vanilla', 'ewc', 'ewc_running', 'mas', 'si', 'agem', 'replay', 'agem+replay', 'joint')
 
 
 def scores(results: dict) -> tuple[float, float]:
@@ -58,7 +59,7 @@ def table(rows: dict[str, list[tuple[float, float, float]]]) -> str:
   for name, values in rows.items():
     acc, forget, seconds = (np.asarray(v) for v in zip(*values))
     pub = PUBLISHED.get(name, (None, None))
-    published = f'{pub[0]:.2f} / {pub[1]:.2f}' if pub[0] is not None else '—'
+    published = '—' if pub[0] is None else f'{pub[0]:.2f} / ' + ('—' if pub[1] is None else f'{pub[1]:.2f}')
     std = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
     lines.append(f'| {name} | {acc.mean():.2f} ± {std(acc):.2f} | {forget.mean():.3f} ± {std(forget):.3f} | '
                  f'{published} | {len(acc)} | {seconds.mean():.0f} |')

@@ -73,6 +73,23 @@ def _inputs(seq, task_id, rows):
   return x[:, seq.perms[task_id]]
 
 
+def joint_batch_fn(pool: Pool, task_id, epoch, step, *, batch_size: int, multi_head: bool, first_task: int):
+  """The multi-task upper bound: each example from a uniformly drawn task >= `first_task` and a uniformly drawn row
+  of it, so a stage's 5,500 steps see every task mixed (17 stages = one epoch over the union, in expectation)."""
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(pool.seed), task_id), epoch), step)
+  task_key, row_key = jax.random.split(key)
+  num_tasks, n = pool.train_index.shape
+  task_ids = jax.random.randint(task_key, (batch_size,), first_task, num_tasks)
+  picks = jax.random.randint(row_key, (batch_size,), 0, n)
+  seq_like = benchmarks.TaskSequence(pool.images, pool.perms, pool.angles, None, None, None, None)
+  one = lambda t, r: benchmarks.task_inputs(seq_like, t, r[None])[0]  # noqa: E731
+  batch = {'image': jax.vmap(one)(task_ids, pool.train_index[task_ids, picks]),
+           'label': pool.train_labels[task_ids, picks], 'valid': jnp.ones((batch_size,), bool)}
+  if multi_head:
+    batch['head'] = task_ids
+  return batch
+
+
 def batch_fn(pool: Pool, task_id, epoch, step, *, batch_size: int, multi_head: bool):
   """Step `step` of `epoch`'s shuffled pass over task `task_id` (jittable)."""
   n = pool.train_index.shape[1]
@@ -131,7 +148,11 @@ def load_data(config: ml_collections.ConfigDict) -> inputs.Data:
     raise ValueError(f'classic: {n_train} examples per task give no full batch of {train_cfg.batch_size}')
   pool = Pool(jnp.asarray(seq.images), jnp.asarray(seq.perms), jnp.asarray(seq.angles),
               jnp.asarray(seq.train.index), jnp.asarray(split_labels(seq.train)), jnp.asarray(config.seed, jnp.uint32))
-  fn = lambda p, t, e, s: batch_fn(p, t, e, s, batch_size=train_cfg.batch_size, multi_head=c.multi_head)  # noqa
+  if c.get('joint'):
+    fn = lambda p, t, e, s: joint_batch_fn(p, t, e, s, batch_size=train_cfg.batch_size,  # noqa: E731
+                                           multi_head=c.multi_head, first_task=c.skip_tasks)
+  else:
+    fn = lambda p, t, e, s: batch_fn(p, t, e, s, batch_size=train_cfg.batch_size, multi_head=c.multi_head)  # noqa
 
   def memory_examples(task):
     """`memory_per_task` training examples of `task`, the same number of each class (25 per class for 250)."""
@@ -149,9 +170,10 @@ def load_data(config: ml_collections.ConfigDict) -> inputs.Data:
     return batch
 
   example = jax.device_get(fn(pool, c.skip_tasks, 0, 0))
+  joint = '; trained jointly (every stage draws from all tasks: the multi-task upper bound)' if c.get('joint') else ''
   description = (f'{c.protocol} MNIST: {len(names)} tasks (after {c.skip_tasks} tuning tasks) of {n_train} '
                  f'training examples, {seq.test.index.shape[1]} test examples each, from '
-                 f'{sources.task_folder("mnist", config.data_dir, config.data)}')
+                 f'{sources.task_folder("mnist", config.data_dir, config.data)}{joint}')
   return inputs.Data(
       description=description, train_sets={t: None for t in names}, steps_per_epoch={t: steps for t in names},
       eval_batches={t: _EvalBatches(seq, ids[t], seq.test, split_labels(seq.test), config.train.eval_batch_size,

@@ -73,3 +73,23 @@ def test_command_line_task_count_resizes_the_task_list():
   config.classic.skip_tasks = 5
   with pytest.raises(ValueError, match='leaves no task'):
     configuration.sync_classic_tasks(config)
+
+
+def test_joint_batches_mix_every_task_with_its_own_permutation():
+  import jax  # pylint: disable=g-import-not-at-top
+  from clflax import classic  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  num_tasks, rows = 5, 40
+  images = rng.integers(0, 256, (rows, 28, 28), dtype=np.uint8)
+  perms = np.stack([rng.permutation(784) for _ in range(num_tasks)]).astype(np.int32)
+  index = np.tile(np.arange(rows, dtype=np.int32), (num_tasks, 1))
+  labels = np.tile(np.arange(rows, dtype=np.int32) % 10, (num_tasks, 1))
+  pool = jax.device_put(classic.Pool(images, perms, np.zeros(num_tasks, np.float32), index, labels, np.uint32(3)))
+  batch = jax.jit(lambda s: classic.joint_batch_fn(pool, 2, 0, s, batch_size=200, multi_head=True, first_task=1))(0)
+  tasks, x = np.asarray(batch['head']), np.asarray(batch['image'])
+  assert set(tasks) == {1, 2, 3, 4}  # Tasks >= first_task only, all of them.
+  flat = images.reshape(rows, -1).astype(np.float32) / 255.
+  for task, image, label in zip(tasks, x, np.asarray(batch['label'])):
+    # Each example is some row seen through ITS task's permutation (brute-force search over rows).
+    matches = np.flatnonzero(np.all(np.isclose(flat[:, perms[task]], image), axis=1))
+    assert len(matches) >= 1 and labels[task, matches[0]] == label
