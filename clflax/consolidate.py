@@ -1,8 +1,9 @@
 """Between stages: each configured strategy keeps what it needs of the task just learned.
 
 EWC: the exact per-example Fisher diagonal on a sample of the task; MAS: its output-sensitivity importance; SI and
-L2: re-anchoring (SI turns its path integral into importance); A-GEM / replay / the balancing fine-tune: an episodic
-memory of the task; LwF: the current model as the teacher of later stages. Each update is a pure function applied to
+L2: re-anchoring (SI turns its path integral into importance); A-GEM / GEM / replay / the balancing fine-tune: an
+episodic memory of the task; DER: the same memory plus the model's outputs on it at the end of the stage; LwF: the
+current model as the teacher of later stages. Each update is a pure function applied to
 the strategy's own NamedTuple inside the optax state (`registry.replace_state`).
 """
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 from clflax import parallel
 from clflax import steps
 from clflax import tasks
+from clflax.strategies import der
 from clflax.strategies import ewc
 from clflax.strategies import l2
 from clflax.strategies import mas
@@ -21,14 +23,17 @@ from clflax.strategies import replay
 from clflax.strategies import si
 
 
+MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Strategies that keep an episodic memory of each task.
+
+
 def needs_memory(config: ml_collections.ConfigDict) -> bool:
   names = set(config.strategy.names)
-  return bool(names & {'agem', 'replay'}) or config.train.balance_finetune_steps > 0
+  return bool(names & set(MEMORY_STRATEGIES)) or config.train.balance_finetune_steps > 0
 
 
 def memory_size(config: ml_collections.ConfigDict) -> int:
   """Examples kept per task: the larger of the memory-based strategies' settings."""
-  sizes = [config.strategy[name].memory_per_task for name in ('agem', 'replay') if name in config.strategy.names]
+  sizes = [config.strategy[name].memory_per_task for name in MEMORY_STRATEGIES if name in config.strategy.names]
   return max(sizes) if sizes else config.strategy.replay.memory_per_task
 
 
@@ -38,10 +43,49 @@ def with_valid(examples: dict) -> dict:
   return dict(examples, valid=np.ones((n,), bool))
 
 
-def empty_memory(example_batch: dict, capacity: int) -> replay.ReplayBuffer:
-  """An empty fixed-capacity buffer shaped like one example of `example_batch`."""
+def empty_memory(example_batch: dict, capacity: int, outputs=None) -> replay.ReplayBuffer:
+  """An empty fixed-capacity buffer shaped like one example of `example_batch`; `outputs` (the model's outputs on
+  the batch, arrays or shapes) adds DER's stored logits to each example."""
   one = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), with_valid(example_batch))
+  if outputs is not None:
+    one[der.LOGITS] = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), outputs)
   return replay.init(capacity, one)
+
+
+def _outputs_fn(model, task):
+  return lambda variables, batch: steps.forward(model, variables['params'], variables['batch_stats'], batch, task,
+                                                None, train=False)[0]
+
+
+def initial_memories(config: ml_collections.ConfigDict, model, variables: dict, example_batches: dict,
+                     shared: bool) -> dict:
+  """The empty memories of a run: none without a memory strategy; `shared` (classic benchmarks: one head, one
+  example shape) one buffer of `memory_size` rows per task in stage order (`steps.SHARED`); else one per task."""
+  if not needs_memory(config):
+    return {}
+  size = memory_size(config)
+
+  def empty(task, capacity):
+    batch = example_batches[task]
+    outputs = None
+    if 'der' in config.strategy.names:  # Shapes only: no model call.
+      outputs = jax.eval_shape(_outputs_fn(model, task), variables, jax.tree.map(jnp.asarray, batch))
+    return empty_memory(batch, capacity, outputs)
+
+  if shared:
+    return {steps.SHARED: empty(config.tasks[0], size * len(config.tasks))}
+  return {t: empty(t, size) for t in config.tasks}
+
+
+def with_outputs(model, variables: dict, task: str, examples: dict, chunk: int = 32) -> dict:
+  """examples plus `task`'s outputs on them under `variables` (DER's stored logits), `chunk` rows per call (the
+  last chunk padded, so one compilation)."""
+  n = len(examples['valid'])
+  fn = jax.jit(_outputs_fn(model, task))
+  padded = jax.tree.map(lambda x: x[np.arange(-(-n // chunk) * chunk) % n], examples)
+  parts = [fn(variables, jax.tree.map(lambda x: x[i:i + chunk], padded)) for i in range(0, n, chunk)]
+  outputs = jax.tree.map(lambda *o: jnp.concatenate(o)[:n], *parts)
+  return dict(examples, **{der.LOGITS: outputs})
 
 
 def _example_loss(model, variables, task, train_cfg):
@@ -95,12 +139,17 @@ def consolidate(state: steps.TrainState, context: steps.Context, task: str, exam
   if 'l2' in names:
     opt_state = registry.replace_state(opt_state, l2.L2State, lambda s: l2.consolidate(s, state.params))
   memories = dict(context.memories)
+  store_outputs = 'der' in names  # At the end of the stage: the trainer's steps read the memory, never write it.
   if steps.SHARED in memories:  # One memory for all tasks: this task's examples join the earlier ones.
-    kept = jax.tree.map(lambda x: x[:memory_size(config)], examples)
+    # Exactly memory_size rows (a short sample repeats), so that task k owns rows k*m..(k+1)*m (GEM's blocks).
+    n = len(examples['valid'])
+    kept = jax.tree.map(lambda x: x[np.arange(memory_size(config)) % n], examples)
+    kept = with_outputs(model, variables, task, kept) if store_outputs else kept
     memories[steps.SHARED] = replay.append(memories[steps.SHARED], kept)
   elif task in memories:
     capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
     kept = jax.tree.map(lambda x: x[:capacity], examples)
+    kept = with_outputs(model, variables, task, kept) if store_outputs else kept
     memories[task] = replay.append(memories[task], kept)
   teacher = parallel.copy_tree(variables) if 'lwf' in names else context.teacher
   return state._replace(opt_state=opt_state), steps.Context(memories=memories, teacher=teacher)

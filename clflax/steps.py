@@ -1,9 +1,10 @@
 """The pure, jittable steps: one train step per head (task static) and one eval step per head.
 
 A train step sees the current task's batch and what earlier stages left behind (`Context`: episodic memories per
-task and the previous model for LwF). Replay's memory batches and A-GEM's reference gradient go through each earlier
-task's own head inside the same compiled step; the strategies' optax transforms receive `ref_grads=` as an extra
-argument, so any chain of strategies runs through one `tx.update`.
+task and the previous model for LwF). Replay's and DER's memory batches, A-GEM's reference gradient and GEM's
+per-task gradients go through each earlier task's own head inside the same compiled step; the strategies' optax
+transforms receive `ref_grads=` / `task_grads=` as extra arguments, so any chain of strategies runs through one
+`tx.update`.
 """
 import functools
 from typing import Any, NamedTuple
@@ -14,6 +15,7 @@ import ml_collections
 import optax
 
 from clflax import tasks
+from clflax.strategies import der
 from clflax.strategies import replay
 
 PyTree = Any
@@ -29,7 +31,9 @@ class TrainState(NamedTuple):
 
 class Context(NamedTuple):
   """What earlier stages left for later ones; read by the step, never trained."""
-  memories: dict  # task -> replay.ReplayBuffer of that task's examples (empty until its stage ends).
+  # task -> replay.ReplayBuffer of that task's examples (empty until its stage ends); with DER each example also holds
+  # the model's outputs at the end of its stage (`der.LOGITS`). Classic benchmarks: one SHARED buffer instead.
+  memories: dict
   teacher: dict  # {'params', 'batch_stats'} after the previous stage (LwF's teacher).
 
 
@@ -72,6 +76,92 @@ def _memory_loss(model, params, batch_stats, context, earlier, task, key, batch_
   return total / len(earlier)
 
 
+def _shared_blocks(memory: replay.ReplayBuffer, config: ml_collections.ConfigDict):
+  """The classic SHARED memory as [T_max, m] blocks and a [T_max] flag of the filled ones. Stage k appends exactly m
+  rows (`consolidate` pads a short sample), so rows k*m..(k+1)*m hold task k: a static layout for every stage."""
+  t_max = len(config.tasks)
+  capacity = jax.tree.leaves(memory.data)[0].shape[0]
+  if capacity % t_max:
+    raise ValueError(f'the shared memory holds {capacity} rows, not {t_max} equal task blocks')
+  m = capacity // t_max
+  blocks = jax.tree.map(lambda d: d.reshape((t_max, m) + d.shape[1:]), memory.data)
+  return blocks, memory.size >= (jnp.arange(t_max) + 1) * m
+
+
+def _gem_task_grads(model, params, batch_stats, context, earlier, task, key, config):
+  """GEM's constraints: (gradients of each earlier task's memory loss stacked on a leading task axis, [T] valid).
+
+  Per-task memories (vision): one gradient per earlier task through its own head (T = len(earlier), fixed within
+  the stage's compiled step). One SHARED memory (classic): T = T_max blocks, each a task's memory, all computed by
+  one `lax.map` whatever the stage (one compilation); a block not yet filled skips its gradient (`lax.cond`).
+  """
+  gem_cfg, train_cfg = config.strategy.gem, config.train
+
+  def grad_on(batch, head, drop_key):
+    def loss(p):
+      outputs, _ = forward(model, p, batch_stats, batch, head, drop_key, train=True)
+      return tasks.loss(head, outputs, batch, train_cfg)[0]
+    return jax.grad(loss)(params)
+
+  if SHARED in context.memories:
+    blocks, filled = _shared_blocks(context.memories[SHARED], config)
+    rows = min(gem_cfg.memory_per_task, jax.tree.leaves(blocks)[0].shape[1])  # GEM's share if others keep more.
+    n = min(gem_cfg.ref_batch_per_task, rows)
+
+    def one(inputs):
+      block, ok, task_key = inputs
+      pick_key, drop_key = jax.random.split(task_key)
+      block = jax.tree.map(lambda d: d[:rows], block)
+      if n < rows:  # Without replacement: the n rows with the largest uniform scores.
+        _, pick = jax.lax.top_k(jax.random.uniform(pick_key, (rows,)), n)
+        block = jax.tree.map(lambda d: d[pick], block)
+      return jax.lax.cond(ok, lambda: grad_on(block, task, drop_key),
+                          lambda: jax.tree.map(jnp.zeros_like, params))
+
+    return jax.lax.map(one, (blocks, filled, jax.random.split(key, filled.shape[0]))), filled
+  grads, valid = [], []
+  for old_task, task_key in zip(earlier, jax.random.split(key, len(earlier))):
+    sample_key, drop_key = jax.random.split(task_key)
+    memory = context.memories[old_task]
+    grads.append(grad_on(replay.sample(memory, sample_key, gem_cfg.ref_batch_per_task), old_task, drop_key))
+    valid.append(replay.size(memory) > 0)
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads), jnp.stack(valid)
+
+
+def _der_terms(model, params, batch_stats, memory, head, key, der_cfg, train_cfg):
+  """alpha * MSE(outputs, stored outputs) + beta * task loss on memory examples of `head`, the two terms on two
+  independent samples as in the paper (beta = 0, DER: one sample only). Multi-output heads (detection) average the
+  MSE of their outputs."""
+
+  def sample_outputs(sample_key):
+    sample_key, drop_key = jax.random.split(sample_key)
+    batch, stored = der.split_logits(replay.sample(memory, sample_key, der_cfg.batch))
+    return batch, stored, forward(model, params, batch_stats, batch, head, drop_key, train=True)[0]
+
+  logit_key, label_key = jax.random.split(key)
+  _, stored, outputs = sample_outputs(logit_key)
+  mse = jax.tree.leaves(jax.tree.map(der.logit_loss, outputs, stored))
+  total = der_cfg.alpha * sum(mse) / len(mse)
+  if der_cfg.beta:
+    batch, _, outputs = sample_outputs(label_key)
+    total += der_cfg.beta * tasks.loss(head, outputs, batch, train_cfg)[0]
+  return total
+
+
+def _der_loss(model, params, batch_stats, context, earlier, task, key, der_cfg, train_cfg):
+  """DER / DER++ replay loss: on the SHARED memory (classic, zero while empty), or the loss-weighted mean over
+  earlier tasks of their memories' terms, each through its own head (vision)."""
+  if SHARED in context.memories:
+    memory = context.memories[SHARED]
+    value = _der_terms(model, params, batch_stats, memory, task, key, der_cfg, train_cfg)
+    return jnp.where(replay.size(memory) > 0, value, 0.0)
+  total = 0.0
+  for old_task, task_key in zip(earlier, jax.random.split(key, len(earlier))):
+    total += train_cfg.loss_weights[old_task] * _der_terms(
+        model, params, batch_stats, context.memories[old_task], old_task, task_key, der_cfg, train_cfg)
+  return total / len(earlier)
+
+
 def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: optax.GradientTransformation,
                task: str, earlier: tuple[str, ...], config: ml_collections.ConfigDict):
   """One optimisation step of head `task`; returns (new state, metrics). Pure: jit it with `task` fixed."""
@@ -79,6 +169,8 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
   names = set(strategy.names)
   has_memory = memory_tasks(context, earlier)
   rng, drop_key, replay_key, agem_key = jax.random.split(state.rng, 4)
+  # Folded from existing keys, so that adding DER / GEM left the other strategies' random streams as they were.
+  der_key, gem_key = jax.random.fold_in(replay_key, 1), jax.random.fold_in(agem_key, 1)
 
   def loss_fn(params):
     outputs, new_stats = forward(model, params, state.batch_stats, batch, task, drop_key, train=True)
@@ -88,6 +180,10 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
       parts['replay'] = _memory_loss(model, params, state.batch_stats, context, earlier, task, replay_key,
                                      strategy.replay.batch, train_cfg)
       total += strategy.replay.weight * parts['replay']
+    if has_memory and 'der' in names:
+      parts['der'] = _der_loss(model, params, state.batch_stats, context, earlier, task, der_key, strategy.der,
+                               train_cfg)
+      total += parts['der']
     if earlier and 'lwf' in names:
       distill = 0.0
       for old_task in earlier:
@@ -105,7 +201,11 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
   if has_memory and 'agem' in names:
     ref_grads = jax.grad(_memory_loss, argnums=1)(model, state.params, state.batch_stats, context, earlier, task,
                                                    agem_key, strategy.agem.ref_batch, train_cfg)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params, ref_grads=ref_grads)
+  extra = {'ref_grads': ref_grads}
+  if has_memory and 'gem' in names:
+    extra['task_grads'], extra['task_valid'] = _gem_task_grads(model, state.params, state.batch_stats, context,
+                                                               earlier, task, gem_key, config)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(parts, grad_norm=optax.global_norm(grads))
   new_state = TrainState(state.step + 1, params, new_stats, opt_state, rng)

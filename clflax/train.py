@@ -228,14 +228,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   tx = make_tx(config, data.steps_per_epoch[config.tasks[0]])
   state = initial_state(config, variables, tx)
   teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
-  memories = {}
-  if consolidation.needs_memory(config):
-    size = consolidation.memory_size(config)
-    if run_is_classic(config):  # One memory shared by all tasks (same head, same example shapes).
-      memories = {steps.SHARED: consolidation.empty_memory(data.example_batches[config.tasks[0]],
-                                                           size * len(config.tasks))}
-    else:
-      memories = {t: consolidation.empty_memory(data.example_batches[t], size) for t in config.tasks}
+  # One memory shared by all tasks for the classic benchmarks (same head, same example shapes), else one per task.
+  memories = consolidation.initial_memories(config, model, variables, data.example_batches, run_is_classic(config))
   tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': parallel.copy_tree(variables)}
   tree = parallel.replicate(mesh, tree)
   writer = tracking.make_writer(

@@ -7,12 +7,18 @@ batch 256; each task tested on its full permuted 10,000-image test set. The arg 
 published learning rate: vanilla (0.03), ewc (0.03, lambda 10, exact per-example Fisher accumulated over tasks),
 ewc_running (the authors' estimator: running average of squared mini-batch gradients, replaced each task,
 scaled to [0, 1]), mas (0.1, lambda 0.1), si (0.1, lambda 0.1), agem (0.1), replay (ER: 10 current + 10 memory examples averaged, lr 0.1),
-joint (0.03: the multi-task upper bound, every
+gem (0.1, margin 0.5, each earlier task's gradient on its whole 250-example memory every step), der / derpp (0.1; DER:
+MSE to the logits stored at the end of each task, alpha 1.0; DER++ adds the memory labels' loss, beta 0.5; 10 memory
+examples per term and step), joint (0.03: the multi-task upper bound, every
 stage's batches drawn from all 17 tasks, so the 17 stages make one epoch over their union), and compositions joined by '+', e.g. agem+replay. Append ',smoke' for a
 few-hundred-example, 3-task version (seconds).
 
 Runtime on 2 CPU cores: vanilla 258 s for the 17 tasks; A-GEM ran ~20 steps/s on shared cores (~80 min; its
 256-example reference gradient every step dominates).
+GEM is the costliest: one gradient per earlier task on all its 250 memory examples every step (16 x 250 examples at
+the last task, vs A-GEM's 256); measured on shared cores 35 steps/s with one earlier task down to 9 steps/s with 16,
+so ~1.5-2 h for the 17 tasks. --config.strategy.gem.ref_batch_per_task=64 samples 64 per task instead (cheaper,
+noisier constraints).
 Command (needs the four MNIST idx files in <data_dir>/mnist; the bundled sample has a 2,000-image subset only):
   python launch.py --config configs/permuted_mnist.py:agem --config.data_dir=../shared/data --workdir runs/pm_agem
 """
@@ -31,8 +37,16 @@ PUBLISHED = {
     # ER with lr 0.1 on 10 current + 10 memory examples averaged together = loss_cur + loss_mem at lr 0.05.
     'replay': (0.05, {}),
     'joint': (0.03, {'classic.joint': True}),  # Not continual: VAN's rate on the union of the tasks.
+    # GEM: lr 0.1 (the A-GEM paper's GEM / A-GEM rate); margin (memory_strength) 0.5 and 256 memories per task are the
+    # GEM authors' MNIST settings (run_experiments.sh); 250 here, the A-GEM protocol's memory.
+    'gem': (0.1, {'gem.margin': 0.5}),
+    # DER / DER++: alpha 1.0 and beta 0.5 are the DER authors' best Permuted-MNIST values (mammoth utils/best_args.py,
+    # buffer 500); their lr 0.2 was for batch 128 and one reservoir buffer: 0.1 is this protocol's memory-method rate
+    # with batch 10 (assumed, not tuned here).
+    'der': (0.1, {'der.alpha': 1.0, 'der.beta': 0.0}),
+    'derpp': (0.1, {'der.alpha': 1.0, 'der.beta': 0.5}),
 }
-STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive'}
+STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive', 'derpp': 'der'}
 
 
 def get_config(arg='agem'):
@@ -75,6 +89,8 @@ def get_config(arg='agem'):
       (config if section == 'classic' else config.strategy)[section][name] = value
   config.strategy.agem.memory_per_task, config.strategy.agem.ref_batch = 250, 256
   config.strategy.replay.memory_per_task, config.strategy.replay.batch = 250, 10
+  config.strategy.gem.memory_per_task, config.strategy.gem.ref_batch_per_task = 250, 250  # GEM: the whole memory.
+  config.strategy.der.memory_per_task, config.strategy.der.batch = 250, 10  # As ER: 10 memory examples per term.
   config.strategy.ewc.fisher_samples = 1000  # Exact Fisher: per-example gradients of 1,000 training images.
   config.strategy.mas.samples = 1000
   if smoke:
@@ -87,5 +103,7 @@ def get_config(arg='agem'):
     train.eval_batch_size = 250
     config.strategy.agem.memory_per_task = config.strategy.replay.memory_per_task = 50
     config.strategy.agem.ref_batch = 50
+    config.strategy.gem.memory_per_task = config.strategy.gem.ref_batch_per_task = 50
+    config.strategy.der.memory_per_task = 50
     config.strategy.ewc.fisher_samples = config.strategy.mas.samples = 100
   return config

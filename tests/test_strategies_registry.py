@@ -39,10 +39,12 @@ def test_default_config_fields():
       'si': {'strength': 0.1, 'damping': 0.1},
       'mas': {'strength': 1.0, 'samples': 64},
       'l2': {'strength': 0.01},
+      'gem': {'memory_per_task': 64, 'ref_batch_per_task': 16, 'margin': 0.5},
+      'der': {'memory_per_task': 64, 'batch': 8, 'alpha': 0.3, 'beta': 0.0},
   }
   assert registry.default_config().to_dict() == want
   assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2')
+                            'mas', 'l2', 'gem', 'der')
 
 
 def test_every_combination_builds_in_order():
@@ -51,7 +53,7 @@ def test_every_combination_builds_in_order():
     for names in itertools.combinations(registry.KNOWN, r):
       tx = registry.build_tx(_cfg(*names), optax.adamw(1e-3), clip_norm=1.0)
       state = tx.init(params)
-      want = [t for n, t in _ORDER if n in names]
+      want = [t for n, t in _ORDER + (('gem', optax.EmptyState),) if n in names]
       assert [type(s) for s in state[:len(want)]] == want, names
       assert len(state) == len(want) + 2  # + clip + adamw.
 
@@ -135,7 +137,7 @@ _DELETE = object()
 
 
 @pytest.mark.parametrize('edit,match', [
-    (_set('names', ('ewc', 'gem')), "unknown strategy 'gem'"),
+    (_set('names', ('ewc', 'gemm')), "unknown strategy 'gemm'"),
     (_set('names', 'ewc'), 'strategy.names must be a tuple'),
     (_set('names', ()), 'empty'),
     (_set('names', ('ewc', 'ewc')), 'duplicates'),

@@ -2,9 +2,10 @@
 
 Chain order (`build_tx`): si (needs the raw gradient), ewc, mas, l2 (penalty
 gradients added to the task gradient), agem (projects the sum against the
-memory's reference gradient), clip_by_global_norm, base optimizer.
-'naive', 'replay' and 'lwf' add no transform: they act on the data / loss and
-the trainer handles them.
+memory's reference gradient), gem (projects it onto the cone of the earlier
+tasks' gradients), clip_by_global_norm, base optimizer.
+'naive', 'replay', 'lwf' and 'der' add no transform: they act on the data /
+loss and the trainer handles them.
 """
 import math
 import numbers
@@ -16,11 +17,12 @@ import optax
 
 from clflax.strategies import agem as agem_lib
 from clflax.strategies import ewc as ewc_lib
+from clflax.strategies import gem as gem_lib
 from clflax.strategies import l2 as l2_lib
 from clflax.strategies import mas as mas_lib
 from clflax.strategies import si as si_lib
 
-KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2')
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der')
 FISHER_MODES = ('exact', 'running')
 
 S = TypeVar('S')
@@ -60,6 +62,17 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.l2 = ml_collections.ConfigDict()
   c.l2.strength = 0.01  # Uniform pull towards the previous task's weights.
+
+  c.gem = ml_collections.ConfigDict()
+  c.gem.memory_per_task = 64  # Episodic memory size kept per finished task.
+  c.gem.ref_batch_per_task = 16  # Memory examples of EACH earlier task for its gradient, every step.
+  c.gem.margin = 0.5  # gamma: dual lower bound when a constraint is violated (GEM authors' MNIST value; 0 = exact).
+
+  c.der = ml_collections.ConfigDict()
+  c.der.memory_per_task = 64  # Examples (with the model's logits at the end of their stage) kept per task.
+  c.der.batch = 8  # Memory examples per step for each replay term (per old task with per-task memories).
+  c.der.alpha = 0.3  # Weight of the MSE between current and stored logits (DER's distillation term).
+  c.der.beta = 0.0  # Weight of the memory labels' task loss: 0 = DER, > 0 = DER++.
   return c
 
 
@@ -90,6 +103,12 @@ _FIELDS = {
     'si': {'strength': {}, 'damping': {'positive': True}},
     'mas': {'strength': {}, 'samples': {'positive': True, 'integer': True}},
     'l2': {'strength': {}},
+    'gem': {'memory_per_task': {'positive': True, 'integer': True},
+            'ref_batch_per_task': {'positive': True, 'integer': True},
+            'margin': {}},
+    'der': {'memory_per_task': {'positive': True, 'integer': True},
+            'batch': {'positive': True, 'integer': True},
+            'alpha': {}, 'beta': {}},
 }
 
 
@@ -128,9 +147,10 @@ def validate(strategy_cfg) -> tuple:
 def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
              clip_norm: Optional[float] = None
              ) -> optax.GradientTransformationExtraArgs:
-  """optax.chain(si, ewc, mas, l2, agem, clip, base_tx) for the active names.
+  """optax.chain(si, ewc, mas, l2, agem, gem, clip, base_tx) for the active names.
 
-  The result accepts `ref_grads=` in update whether or not A-GEM is active.
+  The result accepts `ref_grads=` (A-GEM) and `task_grads=`, `task_valid=`
+  (GEM) in update whether or not those strategies are active.
   """
   names = validate(strategy_cfg)
   cfg = strategy_cfg  # ConfigDict or plain nested dict: item access only.
@@ -147,6 +167,8 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
     parts.append(l2_lib.l2(cfg['l2']['strength']))
   if 'agem' in names:
     parts.append(agem_lib.agem())
+  if 'gem' in names:  # Where A-GEM sits: it constrains the full update, penalties included.
+    parts.append(gem_lib.gem(cfg['gem']['margin']))
   if clip_norm is not None:
     if isinstance(clip_norm, bool) or not isinstance(clip_norm, numbers.Real) \
         or not clip_norm > 0 or not math.isfinite(clip_norm):

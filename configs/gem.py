@@ -1,0 +1,18 @@
+r"""GEM: each earlier task's memory gradient constrains the update (no task's memory loss may increase, to first order).
+
+One gradient per earlier task through its own head every step (costlier than A-GEM's single reference gradient).
+Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
+  python launch.py --config configs/gem.py --workdir runs/gem
+Smoke preset (tiny model, a few steps; about a minute on CPU):
+  python launch.py --config configs/gem.py:smoke --workdir runs/gem_smoke
+"""
+from configs import default
+
+
+def get_config(arg=None):
+  config = default.get_config(arg)
+  config.strategy.names = ('gem',)
+  if arg == 'smoke':
+    config.strategy.gem.memory_per_task = 8  # As the smoke preset's other memories.
+    config.strategy.gem.ref_batch_per_task = 4  # Per earlier task, every step.
+  return config
