@@ -160,8 +160,9 @@ def load_data(config: ml_collections.ConfigDict) -> inputs.Data:
     rng = np.random.default_rng([config.seed, t])
     labels = split_labels(seq.train)[t]
     classes = np.unique(labels)
-    want = max(1, max(config.strategy.agem.memory_per_task, config.strategy.replay.memory_per_task,
-                      config.strategy.ewc.fisher_samples, config.strategy.mas.samples) // len(classes))
+    s = config.strategy
+    sizes = [s[name].get('memory_per_task', 0) for name in ('agem', 'replay', 'gem', 'der') if name in s]
+    want = max(1, max(*sizes, s.ewc.fisher_samples, s.mas.samples) // len(classes))
     picks = np.concatenate([rng.choice(np.flatnonzero(labels == k), want, replace=False) for k in classes])
     picks = rng.permutation(picks)
     batch = {'image': _inputs(seq, t, seq.train.index[t][picks]), 'label': labels[picks]}

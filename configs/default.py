@@ -59,6 +59,8 @@ def get_config(arg=None):
   config.train.warmup_steps = 50  # Linear warm-up at the start of every stage.
   config.train.restart_epochs = 4  # Cosine annealing with warm restarts every this many epochs (SGDR).
   config.train.clip_norm = 1.0  # Global gradient-norm clipping; 0 disables it.
+  # Clip + base optimizer on the raveled parameters: compiles ~2x faster for many-leaf nets (a copy per step).
+  config.train.flatten_optimizer = True
   config.train.label_smoothing = 0.1  # Label smoothing of the classification cross-entropy.
   config.train.dice_weight = 1.0  # Segmentation loss = CE + dice_weight * dice.
   config.train.size_weight = 0.1  # CenterNet box-size L1 weight.

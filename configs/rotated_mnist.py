@@ -5,8 +5,8 @@ tasks one epoch over 55,000 images with batch 10; the digits are rotated inside 
 permuted_mnist.py (the strategy, '+' compositions, ',smoke'), same published learning rates (the A-GEM paper tuned
 them on permutations; expect a different table).
 
-Command (the four MNIST idx files in <data_dir>/mnist; runtimes as permuted_mnist.py: a few minutes for vanilla on
-2 CPU cores, A-GEM far longer: with its 256-example reference gradient it ran ~20 steps/s on 2 shared cores):
+Command (the four MNIST idx files in <data_dir>/mnist; runtimes about those of permuted_mnist.py plus the in-epoch
+rotation: minutes for vanilla on 2 CPU cores, A-GEM several times longer):
   python launch.py --config configs/rotated_mnist.py:agem --config.data_dir=../shared/data --workdir runs/rm_agem
 """
 from configs import permuted_mnist

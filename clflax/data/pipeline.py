@@ -218,8 +218,8 @@ def _memory_size(config) -> int:
   """Examples a strategy may ask of a finished task (memories, Fisher / MAS samples)."""
   s = config.strategy
   wants = [s.get(name, {}).get(field, 0) for name, field in (
-      ('agem', 'memory_per_task'), ('replay', 'memory_per_task'), ('ewc', 'fisher_samples'),
-      ('mas', 'samples'))]
+      ('agem', 'memory_per_task'), ('replay', 'memory_per_task'), ('gem', 'memory_per_task'),
+      ('der', 'memory_per_task'), ('ewc', 'fisher_samples'), ('mas', 'samples'))]
   return max([1, *wants])
 
 
