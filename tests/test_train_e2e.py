@@ -3,13 +3,11 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from clflax import checkpoints
 from clflax import report
 from clflax import run
 from configs import agem
-from configs import naive
 
 
 def _run(config, workdir):
@@ -18,9 +16,11 @@ def _run(config, workdir):
     return json.load(f)
 
 
-@pytest.mark.parametrize('get_config', [naive.get_config, agem.get_config], ids=['naive', 'agem'])
-def test_smoke_run_writes_every_report(get_config, tmp_path):
-  config = get_config('smoke')
+def test_smoke_run_writes_every_report(tmp_path):
+  # configs/agem.py:smoke as launch.py runs it. Other strategies end to end: ewc+agem with crashes and resumes in
+  # test_reliability.py, naive in its NaN-guard test, vanilla / GEM / DER++ / A-GEM on MNIST in test_classic.py and
+  # test_strategies_wiring.py (a naive copy of this run cost a minute of suite time and added no coverage).
+  config = agem.get_config('smoke')
   config.train.epochs.seg = config.train.epochs.det = config.train.epochs.cls = 1
   config.train.steps_per_epoch = 2
   config.model.image_size = 32  # Compiles faster than the preset's 64 px; the shapes are otherwise the same.
