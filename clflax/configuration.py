@@ -89,6 +89,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
                'balance_finetune_steps', 'dice_weight', 'size_weight', 'offset_weight'):
     _require(train[name] >= 0, f'config.train.{name}={train[name]} must be >= 0')
   _require(train.label_smoothing < 1, 'config.train.label_smoothing must be < 1')
+  _require(train.get('backbone_lr_scale', 1.0) > 0, 'config.train.backbone_lr_scale must be > 0')
   _require(train.restart_epochs > 0, 'config.train.restart_epochs must be > 0')
   _require(train.early_stopping_patience > 0, 'config.train.early_stopping_patience must be > 0')
   _require(train.checkpoint_every_steps > 0, 'config.train.checkpoint_every_steps must be > 0')

@@ -55,6 +55,7 @@ def get_config(arg=None):
   config.train.momentum = 0.9  # SGD momentum (0 = plain SGD).
   config.train.constant_learning_rate = False  # True: no warm-up or cosine restarts (the classic protocols).
   config.train.learning_rate = 1e-3  # Peak learning rate of each stage.
+  config.train.backbone_lr_scale = 1.0  # Backbone learning rate = this x learning_rate (< 1 keeps pretrained features).
   config.train.weight_decay = 1e-4  # Decoupled weight decay (adamw) / L2 (sgd).
   config.train.warmup_steps = 50  # Linear warm-up at the start of every stage.
   config.train.restart_epochs = 4  # Cosine annealing with warm restarts every this many epochs (SGDR).

@@ -50,3 +50,18 @@ def test_flattened_base_optimizer_equals_leafwise_optax(optimizer):
     ours_p, ref_p = optax.apply_updates(ours_p, updates), optax.apply_updates(ref_p, ref_updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours_p, ref_p)
   assert len(jax.tree.leaves(state)) < len(jax.tree.leaves(ref_state))  # Raveled: one vector per moment.
+
+
+def test_backbone_learning_rate_scale():
+  config = default.get_config()
+  config.strategy.names = ('naive',)
+  config.train.optimizer, config.train.momentum, config.train.weight_decay = 'sgd', 0.0, 0.0
+  config.train.clip_norm, config.train.constant_learning_rate = 0.0, True
+  config.train.backbone_lr_scale = 0.1
+  params = {'backbone': {'w': jnp.ones((2, 3))}, 'cls_head': {'w': jnp.ones(4)}}
+  grads = {'backbone': {'w': jnp.full((2, 3), 2.0)}, 'cls_head': {'w': jnp.full(4, 2.0)}}
+  tx = train.make_tx(config, steps_per_epoch=5)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr = config.train.learning_rate  # Plain SGD: update = -rate * gradient, in closed form.
+  np.testing.assert_allclose(updates['backbone']['w'], -0.1 * lr * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(updates['cls_head']['w'], -lr * 2.0, rtol=1e-6)
