@@ -60,8 +60,8 @@ def table(rows: dict[str, list[tuple[float, float, float]]]) -> str:
     acc, forget, seconds = (np.asarray(v) for v in zip(*values))
     pub = PUBLISHED.get(name, (None, None))
     published = '—' if pub[0] is None else f'{pub[0]:.2f} / ' + ('—' if pub[1] is None else f'{pub[1]:.2f}')
-    std = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
-    lines.append(f'| {name} | {acc.mean():.2f} ± {std(acc):.2f} | {forget.mean():.3f} ± {std(forget):.3f} | '
+    spread = lambda x, digits: f' ± {np.std(x, ddof=1):.{digits}f}' if len(x) > 1 else ''  # noqa: E731  (1 seed: none)
+    lines.append(f'| {name} | {acc.mean():.2f}{spread(acc, 2)} | {forget.mean():.3f}{spread(forget, 3)} | '
                  f'{published} | {len(acc)} | {seconds.mean():.0f} |')
   return '\n'.join(lines)
 
