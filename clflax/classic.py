@@ -16,6 +16,7 @@ from clflax import inputs
 from clflax.data import benchmarks
 from clflax.data import sources
 from clflax.models import mlp
+from clflax.strategies import registry
 
 
 class ClassicNet(nn.Module):
@@ -160,9 +161,7 @@ def load_data(config: ml_collections.ConfigDict) -> inputs.Data:
     rng = np.random.default_rng([config.seed, t])
     labels = split_labels(seq.train)[t]
     classes = np.unique(labels)
-    s = config.strategy
-    sizes = [s[name].get('memory_per_task', 0) for name in ('agem', 'replay', 'gem', 'der') if name in s]
-    want = max(1, max(*sizes, s.ewc.fisher_samples, s.mas.samples) // len(classes))
+    want = max(1, registry.examples_per_task(config.strategy) // len(classes))
     picks = np.concatenate([rng.choice(np.flatnonzero(labels == k), want, replace=False) for k in classes])
     picks = rng.permutation(picks)
     batch = {'image': _inputs(seq, t, seq.train.index[t][picks]), 'label': labels[picks]}

@@ -23,17 +23,14 @@ from clflax.strategies import replay
 from clflax.strategies import si
 
 
-MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Strategies that keep an episodic memory of each task.
-
-
 def needs_memory(config: ml_collections.ConfigDict) -> bool:
   names = set(config.strategy.names)
-  return bool(names & set(MEMORY_STRATEGIES)) or config.train.balance_finetune_steps > 0
+  return bool(names & set(registry.MEMORY_STRATEGIES)) or config.train.balance_finetune_steps > 0
 
 
 def memory_size(config: ml_collections.ConfigDict) -> int:
   """Examples kept per task: the larger of the memory-based strategies' settings."""
-  sizes = [config.strategy[name].memory_per_task for name in MEMORY_STRATEGIES if name in config.strategy.names]
+  sizes = [config.strategy[name].memory_per_task for name in registry.MEMORY_STRATEGIES if name in config.strategy.names]
   return max(sizes) if sizes else config.strategy.replay.memory_per_task
 
 

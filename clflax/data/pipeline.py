@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from clflax.data import sources
 from clflax.data import transforms
+from clflax.strategies import registry
 
 TASKS = sources.TASKS
 MIN_AREA = {'seg': 0.3, 'det': 0.3, 'cls': 0.25}  # Smallest crop, as a fraction of the image area.
@@ -214,15 +215,6 @@ def sample_examples(task: str, source: Sequence[Any], n: int, seed: int, image_s
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def _memory_size(config) -> int:
-  """Examples a strategy may ask of a finished task (memories, Fisher / MAS samples)."""
-  s = config.strategy
-  wants = [s.get(name, {}).get(field, 0) for name, field in (
-      ('agem', 'memory_per_task'), ('replay', 'memory_per_task'), ('gem', 'memory_per_task'),
-      ('der', 'memory_per_task'), ('ewc', 'fisher_samples'), ('mas', 'samples'))]
-  return max([1, *wants])
-
-
 def trainer_data(config, *, process_index: int | None = None, process_count: int | None = None):
   """The `clflax.inputs.Data` of a config: per-process train sets, eval batches and memories."""
   from clflax import inputs  # pylint: disable=g-import-not-at-top  (inputs imports this module)
@@ -253,8 +245,9 @@ def trainer_data(config, *, process_index: int | None = None, process_count: int
 
   def memory_examples(task: str) -> dict[str, np.ndarray]:
     train = srcs[task]['train']
-    return sample_examples(task, train, min(len(train), _memory_size(config)), config.seed, size,
-                           class_balanced=task == 'cls', max_boxes=data.max_boxes)
+    wanted = min(len(train), registry.examples_per_task(config.strategy))
+    return sample_examples(task, train, wanted, config.seed, size, class_balanced=task == 'cls',
+                           max_boxes=data.max_boxes)
 
   return inputs.Data(
       description=sources.describe_data(config.data_dir, data), train_sets=train_sets,

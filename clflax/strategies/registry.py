@@ -23,6 +23,7 @@ from clflax.strategies import mas as mas_lib
 from clflax.strategies import si as si_lib
 
 KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der')
+MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
 
 S = TypeVar('S')
@@ -74,6 +75,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.der.alpha = 0.3  # Weight of the MSE between current and stored logits (DER's distillation term).
   c.der.beta = 0.0  # Weight of the memory labels' task loss: 0 = DER, > 0 = DER++.
   return c
+
+
+def examples_per_task(strategy_cfg) -> int:
+  """Examples any strategy may ask of a finished task (memories, EWC's Fisher / MAS's samples), active or not."""
+  wants = [strategy_cfg.get(name, {}).get('memory_per_task', 0) for name in MEMORY_STRATEGIES]
+  wants += [strategy_cfg.get('ewc', {}).get('fisher_samples', 0), strategy_cfg.get('mas', {}).get('samples', 0)]
+  return max([1, *wants])
 
 
 def _number(name: str, field: str, value, *, positive: bool = False,
