@@ -8,6 +8,12 @@ import ml_collections
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
+# Config fields added after runs were already being recorded, with the value that reproduces the behaviour from before
+# the field existed: a saved config without the field resumes when the field has this value (and only then).
+ADDED_FIELDS = {
+    'train.backbone_lr_scale': 1.0,  # One learning rate for the whole network.
+    'train.flatten_optimizer': False,  # The optimizer on the parameter tree as it is.
+}
 
 
 def flatten(config: ml_collections.ConfigDict | dict) -> dict:
@@ -27,11 +33,14 @@ def flatten(config: ml_collections.ConfigDict | dict) -> dict:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-  """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only)."""
+  """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only).
+
+  A key in ADDED_FIELDS that the saved config lacks counts as saved with its behaviour-preserving value.
+  """
   missing = object()
   lines = []
   for key in sorted(set(saved) | set(current)):
-    old, new = saved.get(key, missing), current.get(key, missing)
+    old, new = saved.get(key, ADDED_FIELDS.get(key, missing)), current.get(key, missing)
     if old != new:
       show = lambda v: '(absent)' if v is missing else repr(v)  # noqa: E731
       lines.append(f'{key}: {show(old)} -> {show(new)}')

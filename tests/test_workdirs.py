@@ -52,3 +52,17 @@ def test_a_workdir_in_use_is_refused_and_released_after(tmp_path):
         pass
   with workdirs.lock(str(tmp_path)):  # Released when the first holder left.
     pass
+
+
+def test_a_field_added_by_newer_code_resumes_only_at_its_old_behaviour(tmp_path):
+  workdirs.prepare(str(tmp_path), _config())  # Recorded before train.backbone_lr_scale existed.
+  config = _config()
+  config.train.backbone_lr_scale = 1.0  # The value that means "as before": the same run.
+  assert workdirs.prepare(str(tmp_path), config) == str(tmp_path)
+  config.train.backbone_lr_scale = 0.1  # A real change of behaviour: refused.
+  with pytest.raises(ValueError, match=r'train.backbone_lr_scale: 1.0 -> 0.1'):
+    workdirs.prepare(str(tmp_path), config)
+  config = _config()
+  config.train.some_new_knob = 1.0  # Not a known added field: still a difference.
+  with pytest.raises(ValueError, match=r'train.some_new_knob: \(absent\) -> 1.0'):
+    workdirs.prepare(str(tmp_path), config)
