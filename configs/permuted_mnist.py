@@ -33,7 +33,9 @@ PUBLISHED = {
     'ewc': (0.03, {'ewc.strength': 20.0}),  # Paper lambda 10 on sum F (w - w*)^2 = strength 20 on 0.5 * sum.
     'ewc_running': (0.03, {'ewc.strength': 20.0, 'ewc.fisher': 'running', 'ewc.decay': 0.0}),
     'mas': (0.1, {'mas.strength': 0.2}),  # lambda 0.1 likewise doubled for the 0.5 * sum form.
-    'si': (0.1, {'si.strength': 0.2}),
+    # SI: Omega grows every task, and SGD at lr 0.1 diverged at task 5 (seed 0) once 0.1 * 0.2 * max Omega passed 2
+    # (max Omega 110 after 4 tasks); the cap 1 / lr = 10 on the stiffness keeps every step stable (see strategies/si.py).
+    'si': (0.1, {'si.strength': 0.2, 'si.max_stiffness': 10.0}),
     'agem': (0.1, {}),
     # ER with lr 0.1 on 10 current + 10 memory examples averaged together = loss_cur + loss_mem at lr 0.05.
     'replay': (0.05, {}),

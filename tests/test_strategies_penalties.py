@@ -169,6 +169,8 @@ def test_negative_strength_rejected():
       make(-1.0)
   with pytest.raises(ValueError, match='damping'):
     si.si(1.0, damping=0.0)
+  with pytest.raises(ValueError, match='max_stiffness'):
+    si.si(1.0, max_stiffness=-1.0)
 
 
 # --- Synaptic Intelligence -------------------------------------------------
@@ -239,3 +241,26 @@ def test_si_path_integral_with_momentum_matches_numpy():
   final = si.consolidate(state[0], params)
   want = 1.0 + omega / ((theta - 0.0) ** 2 + 0.1)
   np.testing.assert_allclose(final.importance['t'], want, rtol=1e-4)
+
+
+def test_si_stiffness_cap_keeps_sgd_stable_on_its_own_penalty():
+  """Only the penalty, SGD: deviation d -> (1 - lr * k) d per step, k = strength * Omega (capped)."""
+  lr, strength = 0.1, 0.2
+  importance = np.array([1.0, 50.0, 300.0], np.float32)  # lr * k: 0.02, 1.0, 6.0 (> 2: unstable).
+  start = np.array([1.0, 1.0, 1.0], np.float32)
+
+  def run(max_stiffness, steps=10):
+    tx = optax.chain(si.si(strength, max_stiffness=max_stiffness), optax.sgd(lr))
+    params = {'t': jnp.asarray(start)}
+    state = tx.init({'t': jnp.zeros(3)})  # Anchor 0.
+    state = (state[0]._replace(importance={'t': jnp.asarray(importance)}),) + state[1:]
+    for _ in range(steps):
+      updates, state = tx.update({'t': jnp.zeros(3)}, state, params)
+      params = optax.apply_updates(params, updates)
+    return np.asarray(params['t'])
+
+  uncapped = run(0.0)
+  np.testing.assert_allclose(uncapped, start * (1 - lr * strength * importance) ** 10, rtol=1e-4)
+  assert abs(uncapped[2]) > 1e6  # (1 - 6)^10: the explicit step blows up.
+  capped = run(1 / lr)  # k = min(strength * Omega, 10): lr * k = 0.02, 1.0, 1.0.
+  np.testing.assert_allclose(capped, [(1 - 0.02) ** 10, 0.0, 0.0], atol=1e-6)

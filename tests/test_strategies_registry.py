@@ -36,7 +36,7 @@ def test_default_config_fields():
       'agem': {'memory_per_task': 64, 'ref_batch': 16},
       'replay': {'memory_per_task': 64, 'batch': 8, 'weight': 1.0},
       'lwf': {'temperature': 2.0, 'weight': 1.0},
-      'si': {'strength': 0.1, 'damping': 0.1},
+      'si': {'strength': 0.1, 'damping': 0.1, 'max_stiffness': 0.0},
       'mas': {'strength': 1.0, 'samples': 64},
       'l2': {'strength': 0.01},
       'gem': {'memory_per_task': 64, 'ref_batch_per_task': 16, 'margin': 0.5},

@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.si = ml_collections.ConfigDict()
   c.si.strength = 0.1  # Penalty strength (2c in Zenke et al.'s notation).
   c.si.damping = 0.1  # xi in Omega = omega / (delta^2 + xi).
+  c.si.max_stiffness = 0.0  # Cap on strength * Omega per parameter (0: none); 1/lr keeps plain SGD stable.
 
   c.mas = ml_collections.ConfigDict()
   c.mas.strength = 1.0  # lambda of the MAS penalty.
@@ -108,7 +109,7 @@ _FIELDS = {
                'batch': {'positive': True, 'integer': True},
                'weight': {}},
     'lwf': {'temperature': {'positive': True}, 'weight': {}},
-    'si': {'strength': {}, 'damping': {'positive': True}},
+    'si': {'strength': {}, 'damping': {'positive': True}, 'max_stiffness': {}},
     'mas': {'strength': {}, 'samples': {'positive': True, 'integer': True}},
     'l2': {'strength': {}},
     'gem': {'memory_per_task': {'positive': True, 'integer': True},
@@ -164,7 +165,7 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
   cfg = strategy_cfg  # ConfigDict or plain nested dict: item access only.
   parts = []
   if 'si' in names:
-    parts.append(si_lib.si(cfg['si']['strength'], cfg['si']['damping']))
+    parts.append(si_lib.si(cfg['si']['strength'], cfg['si']['damping'], cfg['si']['max_stiffness']))
   if 'ewc' in names:
     if cfg['ewc'].get('fisher', 'exact') == 'running':  # The A-GEM authors' estimator, from raw gradients.
       parts.insert(0, ewc_lib.running_fisher_tracker())

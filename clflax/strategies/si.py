@@ -12,6 +12,12 @@ books the last step from the final params, so no step is lost.
 
 Penalty: 0.5 * strength * sum(importance * (theta - anchor)^2), i.e. strength
 is 2c for the paper's c * sum(Omega * (theta - theta*)^2).
+
+Omega only grows from task to task, and plain SGD at rate lr on a quadratic of
+stiffness k = strength * Omega diverges once lr * k > 2 (each step overshoots
+the anchor by more than it corrects). `max_stiffness` caps k per parameter;
+1 / lr is the natural cap: such a step lands exactly on the anchor, the most
+any explicit step can usefully pull.
 """
 from typing import Any, NamedTuple
 
@@ -39,12 +45,23 @@ def _book_last_step(state: SiState, params: PyTree) -> PyTree:
                       state.omega, state.prev_grads, params, state.prev_params)
 
 
-def si(strength: float, damping: float = 0.1
+def si(strength: float, damping: float = 0.1, max_stiffness: float = 0.0
        ) -> optax.GradientTransformationExtraArgs:
-  """SI as an optax transform; put it first in the chain (raw gradients)."""
+  """SI as an optax transform; put it first in the chain (raw gradients).
+
+  max_stiffness > 0 caps strength * Omega per parameter (0: no cap).
+  """
   _quadratic.check_strength('si', strength)
   if not damping > 0:
     raise ValueError(f'si: damping must be > 0, got {damping}')
+  if not max_stiffness >= 0:
+    raise ValueError(f'si: max_stiffness must be >= 0, got {max_stiffness}')
+  capped = max_stiffness > 0 and strength > 0
+
+  def weight_of(importance):
+    if not capped:
+      return importance
+    return jax.tree.map(lambda w: jnp.minimum(w, max_stiffness / strength), importance)
 
   def init_fn(params):
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -60,7 +77,7 @@ def si(strength: float, damping: float = 0.1
     state = state._replace(omega=_book_last_step(state, params),
                            prev_params=params, prev_grads=grads)
     updates = _quadratic.add_penalty_grad(updates, params, state.anchor,
-                                          state.importance, strength)
+                                          weight_of(state.importance), strength)
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
