@@ -47,7 +47,11 @@ def assemble_results(run, meta: dict) -> dict[str, Any]:
   for name, matrix in matrices.items():
     if not np.isnan(np.asarray(matrix, float)).any():
       summary[name] = metrics.continual_summary(np.asarray(matrix), None)
+  extra = {}
+  if 'before_balance' in meta:  # The last row is after the balancing fine-tune; this one before it.
+    extra = {'before_balance': meta['before_balance'], 'balance_seconds': meta['balance_seconds']}
   return {
+      **extra,
       'config': workdirs.flatten(config),
       'stages': task_names,
       'stage_titles': [tasks.title(t) for t in task_names],

@@ -334,6 +334,11 @@ def render_summary(results: Mapping[str, Any]) -> str:
   if isinstance(strategy, (str, list, tuple)):
     facts.append(f"strategy: {strategy if isinstance(strategy, str) else ' + '.join(map(str, strategy))}")
   out = ["# Continual-learning results", "", "; ".join(facts), ""]
+  if "before_balance" in results:  # The last row is after the balancing fine-tune.
+    steps = results["config"].get("train.balance_finetune_steps", "?")
+    before = ", ".join(f"{s} {results['before_balance'][s][task_metric(results, s)]:.2f}" for s in results["stages"])
+    out += [f"The last stage's row is after a balancing fine-tune of {steps} steps on all tasks' memories; "
+            f"before it: {before}.", ""]
   for section in (_progression, _criterion, _continual, _matrices, _cost):
     out += section(results, v)
   return "\n".join(out)

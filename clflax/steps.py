@@ -212,6 +212,27 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
   return new_state, metrics
 
 
+def balance_step(state: TrainState, context: Context, *, model, tx: optax.GradientTransformation,
+                 all_tasks: tuple[str, ...], config: ml_collections.ConfigDict):
+  """One step of the final balancing fine-tune: every task's loss on a memory batch of `train.batch_size`, each
+  through its own head (one shared memory: one batch drawn across all tasks), averaged; `tx` is a plain base
+  optimizer, as no task is left out of the loss for a strategy to protect. Batch-norm statistics stay as the stages
+  left them (the memories are small)."""
+  rng, key = jax.random.split(state.rng)
+  loss, grads = jax.value_and_grad(_memory_loss, argnums=1)(
+      model, state.params, state.batch_stats, context, all_tasks, all_tasks[-1], key, config.train.batch_size,
+      config.train)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state, rng=rng)
+  return new_state, {'total': loss, 'grad_norm': optax.global_norm(grads)}
+
+
+def jit_balance_step(model, tx, all_tasks, config):
+  step = functools.partial(balance_step, model=model, tx=tx, all_tasks=tuple(all_tasks), config=config)
+  return jax.jit(step, donate_argnums=(0,))
+
+
 def eval_step(variables: dict, batch: dict, *, model, task: str, max_detections: int) -> dict:
   """Per-batch evaluation summaries of head `task` (see tasks.eval_outputs)."""
   outputs, _ = forward(model, variables['params'], variables['batch_stats'], batch, task, None, train=False)

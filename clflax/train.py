@@ -59,15 +59,15 @@ def build_model(config: ml_collections.ConfigDict):
       depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections)
 
 
-def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """Strategies' transforms + clipping + the base optimizer with warm-up and cosine warm restarts (per stage).
+def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> optax.GradientTransformation:
+  """Clipping + the base optimizer: warm-up, then cosine warm restarts every `period_steps` (or a constant rate).
 
   With `train.flatten_optimizer`, clipping and the base optimizer run on all parameters raveled into one vector
   (`optax.flatten`): the same arithmetic as leaf by leaf, but a few dozen ops instead of tens per leaf, which halves
   the step's compile time and keeps the optimizer state two arrays instead of hundreds in every checkpoint; the
   ravel costs ~15 ms per step for 4M parameters on CPU (under 1% of a vision step, but 25x the MNIST MLP's step, so
-  the classic configs turn it off). The strategies keep per-leaf states (anchors, Fisher) in the parameters' shape.
-  `train.backbone_lr_scale` < 1 gives the (pretrained) backbone its own, lower learning rate.
+  the classic configs turn it off). `train.backbone_lr_scale` < 1 gives the (pretrained) backbone its own, lower
+  learning rate.
   """
   train = config.train
 
@@ -76,7 +76,7 @@ def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Gr
     if train.constant_learning_rate:
       schedule = peak
     else:
-      schedule = sgdr_schedule(peak, max(1, train.restart_epochs * steps_per_epoch), train.warmup_steps)
+      schedule = sgdr_schedule(peak, max(1, period_steps), train.warmup_steps)
     if train.optimizer == 'sgd':
       tx = optax.chain(optax.add_decayed_weights(train.weight_decay),
                        optax.sgd(schedule, momentum=train.momentum or None))
@@ -90,12 +90,15 @@ def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Gr
   clip = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm else []  # On the whole gradient.
   scale = train.get('backbone_lr_scale', 1.0)
   if scale == 1.0:
-    base = flat(optax.chain(*clip, optimizer(1.0)))
-  else:  # Pretrained features move slower than the new neck and heads.
-    labels = lambda params: {k: 'backbone' if k == 'backbone' else 'rest' for k in params}  # noqa: E731
-    base = optax.chain(*clip, optax.multi_transform(
-        {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
-  return registry.build_tx(config.strategy, base)
+    return flat(optax.chain(*clip, optimizer(1.0)))
+  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'rest' for k in params}  # noqa: E731
+  return optax.chain(*clip, optax.multi_transform(  # Pretrained features move slower than the new neck and heads.
+      {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
+
+
+def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+  """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`)."""
+  return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch))
 
 
 def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):
@@ -240,6 +243,26 @@ def run_stage(k: int, run: Run, tree: dict, progress: checkpoints.Progress) -> d
   return tree
 
 
+def run_balance(run: Run, tree: dict, meta: dict) -> dict:
+  """The optional final fine-tune: `train.balance_finetune_steps` steps on all tasks' memories at once, with a
+  fresh base optimizer (one warm-up + cosine over the fine-tune); the strategies' states are put back after."""
+  config, num_steps = run.config, run.config.train.balance_finetune_steps
+  tx = base_optimizer(config, num_steps)
+  step_fn = steps.jit_balance_step(run.model, tx, config.tasks, config)
+  strategies_state = tree['state'].opt_state
+  # Copied: the step donates its state, and strategies' states may hold the very arrays of the params.
+  state = parallel.copy_tree(tree['state']._replace(opt_state=jax.jit(tx.init)(tree['state'].params)))
+  label, history, start_time = 'balancing fine-tune', [], time.time()
+  for i in range(num_steps):
+    state, metrics = step_fn(state, tree['context'])
+    history.append(metrics)
+    if (i + 1) % config.train.log_every_steps == 0 or i + 1 == num_steps:
+      records = [{name: float(v) for name, v in m.items()} for m in jax.device_get(history)]
+      _record(meta, 'balance', records, i + 2 - len(records), label, run, state, (0, 1, i + 1, num_steps, start_time))
+      history = []
+  return dict(tree, state=state._replace(opt_state=strategies_state))
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dict, dict]:
   """Builds the model, data, mesh and writers; returns the run and the initial array tree."""
   model = build_model(config)
@@ -308,6 +331,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     meta['stage_seconds'].append(time.time() - stage_start)
     meta.update(stage=k + 1, epoch=0, stage_step=0, best_score=None, bad_epochs=0, stage_seconds_so_far=0.0)
     progress.save(tree, stage_done=k)
+  if config.train.balance_finetune_steps and not meta.get('balanced'):
+    start = time.time()
+    tree = run_balance(run, tree, meta)
+    meta['before_balance'] = meta['rows'][-1]
+    meta['rows'][-1] = evaluation.evaluate_all(run, _variables(tree['state']))
+    logging.info('after the balancing fine-tune: %s', meta['rows'][-1])
+    meta.update(balanced=True, balance_seconds=time.time() - start)
+    progress.save(tree)  # Not a stage snapshot: stage_<T> keeps the model before the fine-tune.
   final['variables'] = _variables(tree['state'])
   results = evaluation.assemble_results(run, meta)
   evaluation.write_reports(run, results)
