@@ -155,8 +155,10 @@ def load_data(config: ml_collections.ConfigDict) -> inputs.Data:
   else:
     fn = lambda p, t, e, s: batch_fn(p, t, e, s, batch_size=train_cfg.batch_size, multi_head=c.multi_head)  # noqa
 
-  def memory_examples(task):
+  def memory_examples(task, everything=False):
     """`memory_per_task` training examples of `task`, the same number of each class (25 per class for 250)."""
+    if everything:
+      raise ValueError('the classic protocols train jointly with config.classic.joint, not whole-set memories')
     t = ids[task]
     rng = np.random.default_rng([config.seed, t])
     labels = split_labels(seq.train)[t]

@@ -74,6 +74,16 @@ def initial_memories(config: ml_collections.ConfigDict, model, variables: dict, 
   return {t: empty(t, size) for t in config.tasks}
 
 
+def joint_memories(data, task_names) -> dict:
+  """The joint upper bound's memories: each task's whole (un-augmented) training set in a buffer of its size."""
+  memories = {}
+  for task in task_names:
+    examples = with_valid(data.memory_examples(task, everything=True))
+    buffer = empty_memory(examples, len(examples['valid']))
+    memories[task] = replay.append(buffer, jax.tree.map(jnp.asarray, examples))
+  return memories
+
+
 def with_outputs(model, variables: dict, task: str, examples: dict, chunk: int = 32) -> dict:
   """examples plus `task`'s outputs on them under `variables` (DER's stored logits), `chunk` rows per call (the
   last chunk padded, so one compilation)."""
@@ -143,7 +153,7 @@ def consolidate(state: steps.TrainState, context: steps.Context, task: str, exam
     kept = jax.tree.map(lambda x: x[np.arange(memory_size(config)) % n], examples)
     kept = with_outputs(model, variables, task, kept) if store_outputs else kept
     memories[steps.SHARED] = replay.append(memories[steps.SHARED], kept)
-  elif task in memories:
+  elif task in memories and not config.train.get('joint'):  # Joint: the memories already hold every example.
     capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
     kept = jax.tree.map(lambda x: x[:capacity], examples)
     kept = with_outputs(model, variables, task, kept) if store_outputs else kept

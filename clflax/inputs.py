@@ -18,7 +18,9 @@ class Data(NamedTuple):
   steps_per_epoch: dict  # task -> int.
   eval_batches: dict  # task -> list of padded batches (`valid` marks real rows).
   example_batches: dict  # task -> one batch (shapes for memories).
-  memory_examples: Callable[[str], dict]  # task -> un-augmented training examples for memories / Fisher.
+  # (task, everything=False) -> un-augmented training examples for memories / Fisher: as many as the strategies ask
+  # (`registry.examples_per_task`), or with everything=True the whole training set (the joint upper bound).
+  memory_examples: Callable[..., dict]
   # Optional on-device epochs (classic benchmarks): (source pytree, batch_fn(source, task_id, epoch, step) -> batch,
   # task -> task_id). When set, each epoch runs as one compiled lax.scan instead of a Python loop over steps.
   scan: Any = None
@@ -61,7 +63,7 @@ def from_arrays(train: dict, val: dict, *, batch_size: int, eval_batch_size: int
       description=description, train_sets=train_sets, steps_per_epoch=steps,
       eval_batches={t: pad_batches(a, eval_batch_size) for t, a in val.items()},
       example_batches={t: s[0] for t, s in train_sets.items()},
-      memory_examples=lambda task: dict(train[task]))
+      memory_examples=lambda task, everything=False: dict(train[task]))
 
 
 def load(config: ml_collections.ConfigDict) -> Data:

@@ -180,6 +180,10 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
       parts['replay'] = _memory_loss(model, params, state.batch_stats, context, earlier, task, replay_key,
                                      strategy.replay.batch, train_cfg)
       total += strategy.replay.weight * parts['replay']
+    if earlier and train_cfg.get('joint'):  # `earlier` = every other task, its memory = its whole training set.
+      parts['joint'] = len(earlier) * _memory_loss(model, params, state.batch_stats, context, earlier, task,
+                                                   replay_key, train_cfg.batch_size, train_cfg)
+      total += parts['joint']
     if has_memory and 'der' in names:
       parts['der'] = _der_loss(model, params, state.batch_stats, context, earlier, task, der_key, strategy.der,
                                train_cfg)

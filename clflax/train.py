@@ -167,7 +167,8 @@ def _stage_functions(run: Run, k: int, task: str):
   config, steps_per_epoch = run.config, run.data.steps_per_epoch[task]
   if run.data.scan is None:
     tx = make_tx(config, steps_per_epoch)
-    return tx, steps.jit_train_step(run.model, tx, task, config.tasks[:k], config, parallel.replicated(run.mesh),
+    earlier = tuple(t for t in config.tasks if t != task) if config.train.get('joint') else config.tasks[:k]
+    return tx, steps.jit_train_step(run.model, tx, task, earlier, config, parallel.replicated(run.mesh),
                                     parallel.batch_sharding(run.mesh))
   key = (tasks.kind(task), steps_per_epoch)
   if key not in run.compiled:
@@ -283,7 +284,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   state = initial_state(config, variables, tx)
   teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
   # One memory shared by all tasks for the classic benchmarks (same head, same example shapes), else one per task.
-  memories = consolidation.initial_memories(config, model, variables, data.example_batches, run_is_classic(config))
+  if config.train.get('joint'):  # Every task's whole training set, from the start.
+    memories = consolidation.joint_memories(data, config.tasks)
+  else:
+    memories = consolidation.initial_memories(config, model, variables, data.example_batches, run_is_classic(config))
   tree = {'state': state, 'context': steps.Context(memories, teacher), 'best': parallel.copy_tree(variables)}
   tree = parallel.replicate(mesh, tree)
   writer = tracking.make_writer(

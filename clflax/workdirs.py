@@ -14,6 +14,7 @@ ADDED_FIELDS = {
     'train.backbone_lr_scale': 1.0,  # One learning rate for the whole network.
     'train.flatten_optimizer': False,  # The optimizer on the parameter tree as it is.
     'strategy.si.max_stiffness': 0.0,  # SI's penalty uncapped.
+    'train.joint': False,  # Continual stages.
 }
 
 

@@ -69,6 +69,9 @@ def get_config(arg=None):
   # Multiplier of each task's loss (also applies to its memory loss in replay/A-GEM).
   config.train.loss_weights = ml_collections.ConfigDict(dict(seg=1.0, det=1.0, cls=1.0))
   config.train.early_stopping_patience = 4  # Epochs without validation improvement before a stage stops.
+  # Multi-task upper bound (configs/joint.py): every step also trains every other task on a batch of its whole
+  # (un-augmented) training set, so each stage trains all heads. Not continual; vision stages only.
+  config.train.joint = False
   config.train.balance_finetune_steps = 0  # >0: after the last stage, this many steps on all tasks' memories at once.
   config.train.checkpoint_every_steps = 200  # In-stage checkpoint period (stage snapshots are always kept).
   config.train.log_every_steps = 20  # Console/TensorBoard logging period.

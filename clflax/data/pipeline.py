@@ -243,10 +243,10 @@ def trainer_data(config, *, process_index: int | None = None, process_count: int
         task, srcs[task][sources.eval_split(task)], batch_size=eval_batch,
         max_examples=config.eval.max_examples, **common, **shard)
 
-  def memory_examples(task: str) -> dict[str, np.ndarray]:
+  def memory_examples(task: str, everything: bool = False) -> dict[str, np.ndarray]:
     train = srcs[task]['train']
-    wanted = min(len(train), registry.examples_per_task(config.strategy))
-    return sample_examples(task, train, wanted, config.seed, size, class_balanced=task == 'cls',
+    wanted = len(train) if everything else min(len(train), registry.examples_per_task(config.strategy))
+    return sample_examples(task, train, wanted, config.seed, size, class_balanced=task == 'cls' and not everything,
                            max_boxes=data.max_boxes)
 
   return inputs.Data(
