@@ -94,6 +94,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(train.early_stopping_patience > 0, 'config.train.early_stopping_patience must be > 0')
   _require(train.checkpoint_every_steps > 0, 'config.train.checkpoint_every_steps must be > 0')
   _require(config.data.max_boxes > 0, 'config.data.max_boxes must be > 0')
+  _require(classic or 'tagem' not in config.strategy.names,
+           'strategy tagem pools examples by their class label: the classic protocols only, not the vision stages')
   if train.get('joint'):
     _require(not classic, 'config.train.joint is for the vision stages; the classic protocols use config.classic.joint')
     _require(tuple(config.strategy.names) == ('naive',),

@@ -16,7 +16,9 @@ import optax
 
 from clflax import tasks
 from clflax.strategies import der
+from clflax.strategies import registry
 from clflax.strategies import replay
+from clflax.strategies import tagem
 
 PyTree = Any
 
@@ -162,6 +164,23 @@ def _der_loss(model, params, batch_stats, context, earlier, task, key, der_cfg, 
   return total / len(earlier)
 
 
+def _tagem_extra(model, state, batch, task, key, tagem_cfg, train_cfg):
+  """TA-A-GEM's reference gradient on its clustering memory (zero while empty) and this step's offer to it."""
+  memory = registry.find_state(state.opt_state, tagem.TagemState).memory
+  sample_key, drop_key, offer_key = jax.random.split(key, 3)
+  ref_batch, _ = tagem.sample(memory, sample_key, tagem_cfg.ref_batch)
+  ref_batch = dict(ref_batch, valid=jnp.ones((tagem_cfg.ref_batch,), bool))
+
+  def ref_loss(params):
+    outputs, _ = forward(model, params, state.batch_stats, ref_batch, task, drop_key, train=True)
+    return tasks.loss(task, outputs, ref_batch, train_cfg)[0]
+
+  filled = tagem.size(memory) > 0
+  ref_grads = jax.tree.map(lambda g: jnp.where(filled, g, 0.0), jax.grad(ref_loss)(state.params))
+  offer = {k: v for k, v in batch.items() if k != 'valid'}
+  return ref_grads, (offer, batch['label'], offer_key, batch['valid'])
+
+
 def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: optax.GradientTransformation,
                task: str, earlier: tuple[str, ...], config: ml_collections.ConfigDict):
   """One optimisation step of head `task`; returns (new state, metrics). Pure: jit it with `task` fixed."""
@@ -206,6 +225,9 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
     ref_grads = jax.grad(_memory_loss, argnums=1)(model, state.params, state.batch_stats, context, earlier, task,
                                                    agem_key, strategy.agem.ref_batch, train_cfg)
   extra = {'ref_grads': ref_grads}
+  if 'tagem' in names:  # Task-agnostic: the reference is drawn from all pools, the current task's included.
+    extra['ref_grads'], extra['memory_batch'] = _tagem_extra(model, state, batch, task, agem_key, strategy.tagem,
+                                                             train_cfg)
   if has_memory and 'gem' in names:
     extra['task_grads'], extra['task_valid'] = _gem_task_grads(model, state.params, state.batch_stats, context,
                                                                earlier, task, gem_key, config)

@@ -31,6 +31,7 @@ from clflax.strategies import l2
 from clflax.strategies import mas
 from clflax.strategies import registry
 from clflax.strategies import si
+from clflax.strategies import tagem
 
 
 class Run(NamedTuple):
@@ -96,9 +97,13 @@ def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> opta
       {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
 
 
-def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
-  """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`)."""
-  return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch))
+def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None
+            ) -> optax.GradientTransformation:
+  """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`).
+  `example_batch` (a training batch) shapes the memory of strategies that keep one in their optax state (tagem)."""
+  example = None if example_batch is None else {k: v[0] for k, v in example_batch.items() if k != 'valid'}
+  return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch),
+                           example=example)
 
 
 def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):
@@ -124,7 +129,7 @@ def fresh_optimizer_state(tx, params, old_opt_state=None):
   """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
   opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
   if old_opt_state is not None:
-    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State):
+    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState):
       old = registry.find_state(old_opt_state, state_type)
       if old is not None:
         opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
@@ -166,13 +171,13 @@ def _stage_functions(run: Run, k: int, task: str):
   the same shapes and one shared memory, so one compiled epoch serves all stages."""
   config, steps_per_epoch = run.config, run.data.steps_per_epoch[task]
   if run.data.scan is None:
-    tx = make_tx(config, steps_per_epoch)
+    tx = make_tx(config, steps_per_epoch, run.data.example_batches[task])
     earlier = tuple(t for t in config.tasks if t != task) if config.train.get('joint') else config.tasks[:k]
     return tx, steps.jit_train_step(run.model, tx, task, earlier, config, parallel.replicated(run.mesh),
                                     parallel.batch_sharding(run.mesh))
   key = (tasks.kind(task), steps_per_epoch)
   if key not in run.compiled:
-    tx = make_tx(config, steps_per_epoch)
+    tx = make_tx(config, steps_per_epoch, run.data.example_batches[task])
     run.compiled[key] = tx, steps.jit_scan_epoch(run.model, tx, task, (), config, run.data.scan[1], steps_per_epoch)
   return run.compiled[key]
 
@@ -280,7 +285,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
       variables = multitask.init_variables(model, key, config.model.image_size,
                                            pretrained_path=config.model.pretrained or None)
   counts = multitask.count_params(variables)
-  tx = make_tx(config, data.steps_per_epoch[config.tasks[0]])
+  tx = make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]])
   state = initial_state(config, variables, tx)
   teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
   # One memory shared by all tasks for the classic benchmarks (same head, same example shapes), else one per task.

@@ -10,7 +10,8 @@ published learning rate:
   lambda 0.1); si (0.1, lambda 0.1); agem (0.1); replay (ER: 10 current + 10 memory examples averaged, lr 0.1);
   gem (0.1, margin 0.5, each earlier task's gradient on its whole 250-example memory every step); der / derpp (0.1;
   DER: MSE to the logits stored at the end of each task, alpha 1.0; DER++ adds the memory labels' loss, beta 0.5;
-  10 memory examples per term and step); joint (0.03: the multi-task upper bound, every stage's batches drawn from
+  10 memory examples per term and step); tagem (0.1: task-agnostic A-GEM, its clustering memory of 10 label pools x
+  17 clusters x 25 filled online with one example per step, no task boundaries used); joint (0.03: the multi-task upper bound, every stage's batches drawn from
   all 17 tasks, so the 17 stages make one epoch over their union); compositions joined by '+', e.g. agem+replay.
 Append ',smoke' for a few-hundred-example, 3-task version (seconds).
 
@@ -48,6 +49,8 @@ PUBLISHED = {
     # with batch 10 (assumed, not tuned here).
     'der': (0.1, {'der.alpha': 1.0, 'der.beta': 0.0}),
     'derpp': (0.1, {'der.alpha': 1.0, 'der.beta': 0.5}),
+    # TA-A-GEM: A-GEM's rate; its memory is filled online, one example per step, never told where tasks change.
+    'tagem': (0.1, {}),
 }
 STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive', 'derpp': 'der'}
 
@@ -95,6 +98,8 @@ def get_config(arg='agem'):
   config.strategy.replay.memory_per_task, config.strategy.replay.batch = 250, 10
   config.strategy.gem.memory_per_task, config.strategy.gem.ref_batch_per_task = 250, 250  # GEM: the whole memory.
   config.strategy.der.memory_per_task, config.strategy.der.batch = 250, 10  # As ER: 10 memory examples per term.
+  # TA-A-GEM: 10 label pools of 17 clusters x 25 = A-GEM's final 4,250-example budget; A-GEM's reference batch.
+  config.strategy.tagem.clusters, config.strategy.tagem.per_cluster, config.strategy.tagem.ref_batch = 17, 25, 256
   config.strategy.ewc.fisher_samples = 1000  # Exact Fisher: per-example gradients of 1,000 training images.
   config.strategy.mas.samples = 1000
   if smoke:
@@ -109,5 +114,6 @@ def get_config(arg='agem'):
     config.strategy.agem.ref_batch = 50
     config.strategy.gem.memory_per_task = config.strategy.gem.ref_batch_per_task = 50
     config.strategy.der.memory_per_task = 50
+    config.strategy.tagem.clusters, config.strategy.tagem.per_cluster, config.strategy.tagem.ref_batch = 3, 5, 50
     config.strategy.ewc.fisher_samples = config.strategy.mas.samples = 100
   return config

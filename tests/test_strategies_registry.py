@@ -41,21 +41,36 @@ def test_default_config_fields():
       'l2': {'strength': 0.01},
       'gem': {'memory_per_task': 64, 'ref_batch_per_task': 16, 'margin': 0.5},
       'der': {'memory_per_task': 64, 'batch': 8, 'alpha': 0.3, 'beta': 0.0},
+      'tagem': {'pools': 10, 'clusters': 4, 'per_cluster': 4, 'ref_batch': 16},
   }
   assert registry.default_config().to_dict() == want
   assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2', 'gem', 'der')
+                            'mas', 'l2', 'gem', 'der', 'tagem')
 
 
 def test_every_combination_builds_in_order():
   params = _params()
-  for r in range(1, len(registry.KNOWN) + 1):
-    for names in itertools.combinations(registry.KNOWN, r):
+  known = [n for n in registry.KNOWN if n != 'tagem']  # tagem replaces agem: its own test below.
+  for r in range(1, len(known) + 1):
+    for names in itertools.combinations(known, r):
       tx = registry.build_tx(_cfg(*names), optax.adamw(1e-3), clip_norm=1.0)
       state = tx.init(params)
       want = [t for n, t in _ORDER + (('gem', optax.EmptyState),) if n in names]
       assert [type(s) for s in state[:len(want)]] == want, names
       assert len(state) == len(want) + 2  # + clip + adamw.
+
+
+def test_tagem_sits_where_agem_does_and_needs_an_example():
+  from clflax.strategies import tagem  # pylint: disable=g-import-not-at-top
+  example = {'image': np.zeros(4, np.float32), 'label': np.int32(0)}
+  tx = registry.build_tx(_cfg('si', 'tagem', 'gem'), optax.sgd(0.1), example=example)
+  state = tx.init(_params())
+  assert [type(s) for s in state[:3]] == [si.SiState, tagem.TagemState, optax.EmptyState]
+  assert state[1].memory.data['image'].shape == (10, 4, 4, 4)  # pools x Q x P x example.
+  with pytest.raises(ValueError, match='example'):
+    registry.build_tx(_cfg('tagem'), optax.sgd(0.1))
+  with pytest.raises(ValueError, match='both agem and tagem'):
+    registry.validate(_cfg('agem', 'tagem'))
 
 
 def test_transform_combinations_run_under_jit():

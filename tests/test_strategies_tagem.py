@@ -158,3 +158,27 @@ def test_bad_inputs_raise():
               jnp.zeros(3, jnp.int32), jax.random.key(0))
   with pytest.raises(ValueError, match='n must be a positive int'):
     tagem.sample(memory, jax.random.key(0), 0)
+
+
+def test_transform_projects_like_agem_and_stores_one_example_per_update():
+  example = {'x': jnp.zeros(2), 'label': jnp.zeros((), jnp.int32)}
+  tx = tagem.tagem(POOLS, Q, P, example)
+  state = tx.init({'w': jnp.zeros(2)})
+  batch = {'x': jnp.asarray([[1., 2.], [3., 4.], [5., 6.], [7., 8.]]), 'label': jnp.asarray([0, 1, 2, 0])}
+  valid = jnp.asarray([True, True, False, True])
+  g, conflicting = {'w': jnp.asarray([1., 0.])}, {'w': jnp.asarray([-1., 1.])}
+  updates, state = tx.update(g, state, None, ref_grads=conflicting,
+                             memory_batch=(batch, batch['label'], jax.random.PRNGKey(3), valid))
+  # <g, r> = -1 < 0: g - (<g, r> / <r, r>) r = (1, 0) + 0.5 (-1, 1).
+  np.testing.assert_allclose(updates['w'], [0.5, 0.5], rtol=1e-6)
+  assert int(tagem.size(state.memory)) == 1
+  stored = state.memory.data['x'].reshape(-1, 2)[np.asarray(tagem.valid_slots(state.memory))][0]
+  row = [i for i in range(4) if np.allclose(batch['x'][i], stored)]
+  assert row and bool(valid[row[0]])  # One of the valid examples...
+  pool = int(np.argmax(np.asarray(state.memory.clusters)))
+  assert pool == int(batch['label'][row[0]])  # ...in the pool of its label.
+  agreeing = {'w': jnp.asarray([1., 1.])}
+  updates, state = tx.update(g, state, None, ref_grads=agreeing,
+                             memory_batch=(batch, batch['label'], jax.random.PRNGKey(4), jnp.zeros(4, bool)))
+  np.testing.assert_allclose(updates['w'], [1., 0.])  # No conflict: unchanged.
+  assert int(tagem.size(state.memory)) == 1  # No valid example offered: nothing stored.

@@ -180,13 +180,22 @@ def _scores(workdir):
   return matrix[-1].mean(), np.mean([matrix[:-1, j].max() - matrix[-1, j] for j in range(matrix.shape[1] - 1)])
 
 
-def test_gem_and_derpp_smoke_runs_beat_vanilla(shared_data, tmp_path):
+def test_gem_derpp_and_tagem_smoke_runs_beat_vanilla(shared_data, tmp_path):
   scores = {}
-  for name in ('vanilla', 'gem', 'derpp'):
+  for name in ('vanilla', 'gem', 'derpp', 'tagem'):
     config = permuted_mnist.get_config(f'{name},smoke')
     config.data_dir = str(shared_data)
     assert run.main(config, str(tmp_path / name)) == 0
     scores[name] = _scores(tmp_path / name)
-  for name in ('gem', 'derpp'):
+  for name in ('gem', 'derpp', 'tagem'):
     assert scores[name][0] > scores['vanilla'][0], scores  # Final mean accuracy A_T.
     assert scores[name][1] < scores['vanilla'][1], scores  # Forgetting.
+
+
+def test_tagem_is_refused_on_the_vision_stages():
+  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.strategy.names = ('tagem',)
+  with pytest.raises(ValueError, match='classic protocols only'):
+    configuration.validate(config)

@@ -2,7 +2,8 @@
 
 Chain order (`build_tx`): si (needs the raw gradient), ewc, mas, l2 (penalty
 gradients added to the task gradient), agem (projects the sum against the
-memory's reference gradient), gem (projects it onto the cone of the earlier
+memory's reference gradient; tagem the same with its own online clustering
+memory, kept in its optax state), gem (projects it onto the cone of the earlier
 tasks' gradients), clip_by_global_norm, base optimizer.
 'naive', 'replay', 'lwf' and 'der' add no transform: they act on the data /
 loss and the trainer handles them.
@@ -21,8 +22,9 @@ from clflax.strategies import gem as gem_lib
 from clflax.strategies import l2 as l2_lib
 from clflax.strategies import mas as mas_lib
 from clflax.strategies import si as si_lib
+from clflax.strategies import tagem as tagem_lib
 
-KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der')
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem')
 MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
 
@@ -75,6 +77,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.der.batch = 8  # Memory examples per step for each replay term (per old task with per-task memories).
   c.der.alpha = 0.3  # Weight of the MSE between current and stored logits (DER's distillation term).
   c.der.beta = 0.0  # Weight of the memory labels' task loss: 0 = DER, > 0 = DER++.
+
+  c.tagem = ml_collections.ConfigDict()  # Task-agnostic A-GEM (Lamers et al. 2023); one class label per example.
+  c.tagem.pools = 10  # One pool per class label (labels outside [0, pools) are never stored).
+  c.tagem.clusters = 4  # Q: clusters per pool.
+  c.tagem.per_cluster = 4  # P: samples per cluster (the oldest leaves first).
+  c.tagem.ref_batch = 16  # Memory examples (from all pools) for the reference gradient.
   return c
 
 
@@ -118,6 +126,8 @@ _FIELDS = {
     'der': {'memory_per_task': {'positive': True, 'integer': True},
             'batch': {'positive': True, 'integer': True},
             'alpha': {}, 'beta': {}},
+    'tagem': {'pools': {'positive': True, 'integer': True}, 'clusters': {'positive': True, 'integer': True},
+              'per_cluster': {'positive': True, 'integer': True}, 'ref_batch': {'positive': True, 'integer': True}},
 }
 
 
@@ -137,6 +147,8 @@ def validate(strategy_cfg) -> tuple:
       raise ValueError(f'unknown strategy {name!r}; known: {KNOWN}')
   if len(set(names)) != len(names):
     raise ValueError(f'strategy.names has duplicates: {tuple(names)}')
+  if {'agem', 'tagem'} <= set(names):
+    raise ValueError('strategy.names has both agem and tagem: TA-A-GEM is A-GEM with its own memory, pick one')
   for name in names:
     fields = _FIELDS.get(name, {})
     if fields and name not in strategy_cfg:
@@ -154,12 +166,13 @@ def validate(strategy_cfg) -> tuple:
 
 
 def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
-             clip_norm: Optional[float] = None
+             clip_norm: Optional[float] = None, example: Any = None
              ) -> optax.GradientTransformationExtraArgs:
-  """optax.chain(si, ewc, mas, l2, agem, gem, clip, base_tx) for the active names.
+  """optax.chain(si, ewc, mas, l2, agem | tagem, gem, clip, base_tx) for the active names.
 
-  The result accepts `ref_grads=` (A-GEM) and `task_grads=`, `task_valid=`
-  (GEM) in update whether or not those strategies are active.
+  The result accepts `ref_grads=` (A-GEM, TA-A-GEM), `memory_batch=` (TA-A-GEM) and `task_grads=`, `task_valid=`
+  (GEM) in update whether or not those strategies are active. `example` (one training example without batch axis)
+  shapes TA-A-GEM's memory.
   """
   names = validate(strategy_cfg)
   cfg = strategy_cfg  # ConfigDict or plain nested dict: item access only.
@@ -176,6 +189,11 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
     parts.append(l2_lib.l2(cfg['l2']['strength']))
   if 'agem' in names:
     parts.append(agem_lib.agem())
+  if 'tagem' in names:
+    if example is None:
+      raise ValueError('tagem needs build_tx(..., example=one training example) to shape its memory')
+    t = cfg['tagem']
+    parts.append(tagem_lib.tagem(t['pools'], t['clusters'], t['per_cluster'], example))
   if 'gem' in names:  # Where A-GEM sits: it constrains the full update, penalties included.
     parts.append(gem_lib.gem(cfg['gem']['margin']))
   if clip_norm is not None:

@@ -28,6 +28,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
+
+from clflax.strategies import agem
 
 PyTree = Any
 
@@ -216,3 +219,31 @@ def sample(memory: ClusterMemory, key: jax.Array, n: int) -> PyTree:
   idx = jnp.where(total > 0, idx, 0)
   flat = jax.tree.map(lambda d: d.reshape((slots,) + d.shape[3:]), memory.data)
   return jax.tree.map(lambda d: d[idx], flat), idx // (q * p)
+
+
+class TagemState(NamedTuple):
+  """TA-A-GEM's memory, kept in the optax state: it changes every step, and task boundaries are never needed."""
+  memory: ClusterMemory
+
+
+def tagem(num_pools: int, q: int, p: int, example: PyTree) -> optax.GradientTransformationExtraArgs:
+  """TA-A-GEM as one optax transform: A-GEM's projection against `ref_grads` (the trainer computes them on
+  `sample(state.memory, ...)`), then ONE example of `memory_batch=(batch, labels, key, valid)` joins the memory.
+
+  `example` is one example without batch axis (its structure and dtypes shape the memory). Either extra argument
+  may be None (no projection / no insertion). Sits where A-GEM sits in the chain.
+  """
+  def init_fn(params):
+    del params
+    return TagemState(init(num_pools, q, p, example))
+
+  def update_fn(updates, state, params=None, *, ref_grads=None, memory_batch=None, **extra):
+    del params, extra
+    if ref_grads is not None:
+      updates = agem.project(updates, ref_grads)
+    if memory_batch is not None:
+      batch, labels, key, valid = memory_batch
+      state = TagemState(add(state.memory, batch, labels, key, valid=valid))
+    return updates, state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
