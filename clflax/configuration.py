@@ -94,8 +94,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(train.early_stopping_patience > 0, 'config.train.early_stopping_patience must be > 0')
   _require(train.checkpoint_every_steps > 0, 'config.train.checkpoint_every_steps must be > 0')
   _require(config.data.max_boxes > 0, 'config.data.max_boxes must be > 0')
+  _require(classic or 'packnet' not in config.strategy.names,
+           'strategy packnet: the classic protocols only (the vision backbone\'s batch-norm statistics are shared by '
+           'every task, so its per-task weights would not give back each task\'s function)')
   _require(classic or 'tagem' not in config.strategy.names,
            'strategy tagem pools examples by their class label: the classic protocols only, not the vision stages')
+  _require(not (train.balance_finetune_steps and 'packnet' in config.strategy.names),
+           'config.train.balance_finetune_steps with packnet: the fine-tune would move every task\'s frozen weights')
   if train.get('joint'):
     _require(not classic, 'config.train.joint is for the vision stages; the classic protocols use config.classic.joint')
     _require(tuple(config.strategy.names) == ('naive',),

@@ -27,8 +27,10 @@ def evaluate_task(run, task: str, variables: dict) -> dict[str, float]:
   return tasks.scores(task, acc)
 
 
-def evaluate_all(run, variables: dict) -> dict[str, dict[str, float]]:
-  return {task: evaluate_task(run, task, variables) for task in run.config.tasks}
+def evaluate_all(run, variables) -> dict[str, dict[str, float]]:
+  """Every task's scores; `variables` is one dict, or task -> dict (task-specific weights, e.g. PackNet's)."""
+  pick = variables if callable(variables) else (lambda _: variables)
+  return {task: evaluate_task(run, task, pick(task)) for task in run.config.tasks}
 
 
 def _matrices(task_names, rows) -> dict[str, list[list[float]]]:

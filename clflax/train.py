@@ -29,6 +29,7 @@ from clflax.models import multitask
 from clflax.strategies import ewc
 from clflax.strategies import l2
 from clflax.strategies import mas
+from clflax.strategies import packnet
 from clflax.strategies import registry
 from clflax.strategies import si
 from clflax.strategies import tagem
@@ -129,7 +130,8 @@ def fresh_optimizer_state(tx, params, old_opt_state=None):
   """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
   opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
   if old_opt_state is not None:
-    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState):
+    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState,
+                       packnet.PackNetState):
       old = registry.find_state(old_opt_state, state_type)
       if old is not None:
         opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
@@ -164,6 +166,39 @@ def _check_finite(records, stage_label, first_step):
 
 def _variables(state):
   return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def _eval_variables(run: Run, state):
+  """What each task is evaluated with: the model, or with PackNet task -> that task's weights (tasks <= it)."""
+  variables = _variables(state)
+  if 'packnet' not in run.config.strategy.names:
+    return variables
+  owners = registry.find_state(state.opt_state, packnet.PackNetState).owners
+  index = {t: i for i, t in enumerate(run.config.tasks)}
+  return lambda task: dict(variables, params=packnet.task_params(variables['params'], owners, index[task]))
+
+
+def _prune_and_retrain(run: Run, k: int, tree: dict) -> dict:
+  """PackNet after stage k: frees the `prune_fraction` smallest of the task's weights per layer (zeroed), then
+  retrains the kept ones for `retrain_epochs` epochs (fresh shuffles; no validation or early stopping)."""
+  config, task = run.config, run.config.tasks[k]
+  cfg, state = config.strategy.packnet, tree['state']
+  owners = registry.find_state(state.opt_state, packnet.PackNetState).owners
+  params, owners = packnet.prune(state.params, owners, k, cfg.prune_fraction)
+  opt_state = registry.replace_state(state.opt_state, packnet.PackNetState, lambda s: s._replace(owners=owners))
+  state = parallel.copy_tree(parallel.replicate(run.mesh, state._replace(params=params, opt_state=opt_state)))
+  _, stage_fn = _stage_functions(run, k, task)
+  epochs, steps_per_epoch = config.train.epochs[task], run.data.steps_per_epoch[task]
+  for epoch in range(epochs, epochs + cfg.retrain_epochs):
+    if run.data.scan is not None:
+      pool, _, ids = run.data.scan
+      state, _ = stage_fn(state, tree['context'], pool, ids[task], epoch)
+    else:
+      for step in range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch):
+        state, _ = stage_fn(state, run.shard(run.data.train_sets[task][step]), tree['context'])
+  logging.info('stage %d (%s): packnet pruned %.0f%% of its weights per layer, retrained %d epoch(s)', k + 1, task,
+               100 * cfg.prune_fraction, cfg.retrain_epochs)
+  return dict(tree, state=state)
 
 
 def _stage_functions(run: Run, k: int, task: str):
@@ -319,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('resuming from checkpoint %d: stage %d, epoch %d, step %d', meta['saves'], meta['stage'] + 1,
                  meta['epoch'], meta['stage_step'])
   else:
-    meta['baseline'] = evaluation.evaluate_all(run, _variables(tree['state']))
+    meta['baseline'] = evaluation.evaluate_all(run, _eval_variables(run, tree['state']))
     logging.info('baseline before stage 1: %s', meta['baseline'])
   for k in range(meta['stage'], len(config.tasks)):
     task = config.tasks[k]
@@ -329,10 +364,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = tree['state']
       # Placed like the step's outputs (replicated on the mesh), or the step's second call would re-trace; and
       # copied, as strategies' states may hold the very arrays of the params (EWC's anchor) and the step donates.
-      tree['state'] = parallel.copy_tree(parallel.replicate(
-          run.mesh, state._replace(opt_state=fresh_optimizer_state(tx, state.params, state.opt_state))))
+      opt_state = fresh_optimizer_state(tx, state.params, state.opt_state)
+      if 'packnet' in config.strategy.names:  # Stage k owns every weight no earlier stage kept.
+        opt_state = registry.replace_state(opt_state, packnet.PackNetState, lambda s: packnet.start_task(s, k))
+      tree['state'] = parallel.copy_tree(parallel.replicate(run.mesh, state._replace(opt_state=opt_state)))
     tree = run_stage(k, run, tree, progress)
-    meta['rows'].append(evaluation.evaluate_all(run, _variables(tree['state'])))
+    if 'packnet' in config.strategy.names:  # No checkpoint until the stage snapshot: a resume prunes only once.
+      tree = _prune_and_retrain(run, k, tree)
+    meta['rows'].append(evaluation.evaluate_all(run, _eval_variables(run, tree['state'])))
     logging.info('after stage %d (%s): %s', k + 1, task, meta['rows'][-1])
     state, context = consolidation.consolidate(tree['state'], tree['context'], task, run.data.memory_examples(task),
                                                model=run.model, config=config)
@@ -344,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     start = time.time()
     tree = run_balance(run, tree, meta)
     meta['before_balance'] = meta['rows'][-1]
-    meta['rows'][-1] = evaluation.evaluate_all(run, _variables(tree['state']))
+    meta['rows'][-1] = evaluation.evaluate_all(run, _eval_variables(run, tree['state']))
     logging.info('after the balancing fine-tune: %s', meta['rows'][-1])
     meta.update(balanced=True, balance_seconds=time.time() - start)
     progress.save(tree)  # Not a stage snapshot: stage_<T> keeps the model before the fine-tune.

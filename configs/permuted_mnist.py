@@ -11,7 +11,9 @@ published learning rate:
   gem (0.1, margin 0.5, each earlier task's gradient on its whole 250-example memory every step); der / derpp (0.1;
   DER: MSE to the logits stored at the end of each task, alpha 1.0; DER++ adds the memory labels' loss, beta 0.5;
   10 memory examples per term and step); tagem (0.1: task-agnostic A-GEM, its clustering memory of 10 label pools x
-  17 clusters x 25 filled online with one example per step, no task boundaries used); joint (0.03: the multi-task upper bound, every stage's batches drawn from
+  17 clusters x 25 filled online with one example per step, no task boundaries used); packnet (0.03; prunes 80% of
+  each task's weights per layer after its epoch, retrains one epoch, tests each task with its own weights, i.e. it
+  is told the task at test time, unlike the others); joint (0.03: the multi-task upper bound, every stage's batches drawn from
   all 17 tasks, so the 17 stages make one epoch over their union); compositions joined by '+', e.g. agem+replay.
 Append ',smoke' for a few-hundred-example, 3-task version (seconds).
 
@@ -51,6 +53,9 @@ PUBLISHED = {
     'derpp': (0.1, {'der.alpha': 1.0, 'der.beta': 0.5}),
     # TA-A-GEM: A-GEM's rate; its memory is filled online, one example per step, never told where tasks change.
     'tagem': (0.1, {}),
+    # PackNet (task-incremental: each task is tested with its own weights): VAN's rate; 80% of each task's weights
+    # per layer freed for later tasks (the 17th task still gets 0.8^16 = 2.8% of the weights), one retraining epoch.
+    'packnet': (0.03, {'packnet.prune_fraction': 0.8, 'packnet.retrain_epochs': 1}),
 }
 STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive', 'derpp': 'der'}
 

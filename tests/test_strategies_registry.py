@@ -42,15 +42,16 @@ def test_default_config_fields():
       'gem': {'memory_per_task': 64, 'ref_batch_per_task': 16, 'margin': 0.5},
       'der': {'memory_per_task': 64, 'batch': 8, 'alpha': 0.3, 'beta': 0.0},
       'tagem': {'pools': 10, 'clusters': 4, 'per_cluster': 4, 'ref_batch': 16},
+      'packnet': {'prune_fraction': 0.75, 'retrain_epochs': 1},
   }
   assert registry.default_config().to_dict() == want
   assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2', 'gem', 'der', 'tagem')
+                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet')
 
 
 def test_every_combination_builds_in_order():
   params = _params()
-  known = [n for n in registry.KNOWN if n != 'tagem']  # tagem replaces agem: its own test below.
+  known = [n for n in registry.KNOWN if n not in ('tagem', 'packnet')]  # Their own tests below.
   for r in range(1, len(known) + 1):
     for names in itertools.combinations(known, r):
       tx = registry.build_tx(_cfg(*names), optax.adamw(1e-3), clip_norm=1.0)
@@ -71,6 +72,16 @@ def test_tagem_sits_where_agem_does_and_needs_an_example():
     registry.build_tx(_cfg('tagem'), optax.sgd(0.1))
   with pytest.raises(ValueError, match='both agem and tagem'):
     registry.validate(_cfg('agem', 'tagem'))
+
+
+def test_packnet_comes_after_the_base_optimizer():
+  from clflax.strategies import packnet  # pylint: disable=g-import-not-at-top
+  cfg = _cfg('ewc', 'packnet')
+  state = registry.build_tx(cfg, optax.sgd(0.1, momentum=0.9), clip_norm=1.0).init(_params())
+  assert isinstance(state[0], ewc.EwcState) and isinstance(state[-1], packnet.PackNetState)
+  cfg.packnet.prune_fraction = 1.0
+  with pytest.raises(ValueError, match='prune_fraction must be < 1'):
+    registry.validate(cfg)
 
 
 def test_transform_combinations_run_under_jit():

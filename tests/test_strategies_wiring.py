@@ -199,3 +199,27 @@ def test_tagem_is_refused_on_the_vision_stages():
   config.strategy.names = ('tagem',)
   with pytest.raises(ValueError, match='classic protocols only'):
     configuration.validate(config)
+
+
+def test_packnet_run_keeps_every_task_exactly_and_still_learns_each(shared_data, tmp_path):
+  config = permuted_mnist.get_config('packnet,smoke')
+  config.data_dir = str(shared_data)
+  assert run.main(config, str(tmp_path)) == 0
+  with open(tmp_path / 'results.json') as f:
+    matrix = np.asarray(json.load(f)['metrics']['acc'])
+  for j in range(3):  # Each task tested with its own weights: later stages cannot change its score at all.
+    np.testing.assert_array_equal(matrix[j:, j], matrix[j, j])
+    assert matrix[j, j] > 60, matrix  # ...and every task still had free weights to learn with.
+
+
+def test_packnet_is_refused_on_the_vision_stages_and_with_the_balancing_fine_tune():
+  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config('smoke')
+  config.strategy.names = ('packnet',)
+  with pytest.raises(ValueError, match='classic protocols only'):
+    configuration.validate(config)
+  config = permuted_mnist.get_config('packnet,smoke')
+  config.train.balance_finetune_steps = 10
+  with pytest.raises(ValueError, match='frozen weights'):
+    configuration.validate(config)

@@ -4,7 +4,8 @@ Chain order (`build_tx`): si (needs the raw gradient), ewc, mas, l2 (penalty
 gradients added to the task gradient), agem (projects the sum against the
 memory's reference gradient; tagem the same with its own online clustering
 memory, kept in its optax state), gem (projects it onto the cone of the earlier
-tasks' gradients), clip_by_global_norm, base optimizer.
+tasks' gradients), clip_by_global_norm, base optimizer, packnet (zeroes the
+final update of every weight the current task does not own).
 'naive', 'replay', 'lwf' and 'der' add no transform: they act on the data /
 loss and the trainer handles them.
 """
@@ -21,10 +22,11 @@ from clflax.strategies import ewc as ewc_lib
 from clflax.strategies import gem as gem_lib
 from clflax.strategies import l2 as l2_lib
 from clflax.strategies import mas as mas_lib
+from clflax.strategies import packnet as packnet_lib
 from clflax.strategies import si as si_lib
 from clflax.strategies import tagem as tagem_lib
 
-KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem')
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem', 'packnet')
 MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
 
@@ -83,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.tagem.clusters = 4  # Q: clusters per pool.
   c.tagem.per_cluster = 4  # P: samples per cluster (the oldest leaves first).
   c.tagem.ref_batch = 16  # Memory examples (from all pools) for the reference gradient.
+
+  c.packnet = ml_collections.ConfigDict()  # PackNet (Mallya & Lazebnik 2018); task-specific weights at inference.
+  c.packnet.prune_fraction = 0.75  # Fraction of each task's weights per layer freed for later tasks after its stage.
+  c.packnet.retrain_epochs = 1  # Epochs of retraining the kept weights after pruning.
   return c
 
 
@@ -128,6 +134,7 @@ _FIELDS = {
             'alpha': {}, 'beta': {}},
     'tagem': {'pools': {'positive': True, 'integer': True}, 'clusters': {'positive': True, 'integer': True},
               'per_cluster': {'positive': True, 'integer': True}, 'ref_batch': {'positive': True, 'integer': True}},
+    'packnet': {'prune_fraction': {}, 'retrain_epochs': {'integer': True}},
 }
 
 
@@ -162,13 +169,16 @@ def validate(strategy_cfg) -> tuple:
       elif value not in FISHER_MODES:
         raise ValueError(f'strategy.ewc.fisher must be one of {FISHER_MODES}, '
                          f'got {value!r}')
+  if 'packnet' in names and not strategy_cfg['packnet']['prune_fraction'] < 1:
+    raise ValueError('strategy.packnet.prune_fraction must be < 1 (the task keeps the rest), got '
+                     f"{strategy_cfg['packnet']['prune_fraction']!r}")
   return tuple(names)
 
 
 def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
              clip_norm: Optional[float] = None, example: Any = None
              ) -> optax.GradientTransformationExtraArgs:
-  """optax.chain(si, ewc, mas, l2, agem | tagem, gem, clip, base_tx) for the active names.
+  """optax.chain(si, ewc, mas, l2, agem | tagem, gem, clip, base_tx, packnet) for the active names.
 
   The result accepts `ref_grads=` (A-GEM, TA-A-GEM), `memory_batch=` (TA-A-GEM) and `task_grads=`, `task_valid=`
   (GEM) in update whether or not those strategies are active. `example` (one training example without batch axis)
@@ -202,6 +212,8 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
       raise ValueError(f'clip_norm must be a finite number > 0, got {clip_norm!r}')
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(base_tx)
+  if 'packnet' in names:  # Last: momentum or weight decay must not move a frozen weight either.
+    parts.append(packnet_lib.packnet())
   return optax.chain(*parts)
 
 
