@@ -97,6 +97,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(classic or 'packnet' not in config.strategy.names,
            'strategy packnet: the classic protocols only (the vision backbone\'s batch-norm statistics are shared by '
            'every task, so its per-task weights would not give back each task\'s function)')
+  _require(classic or 'mer' not in config.strategy.names,
+           'strategy mer: the classic protocols only (s x k SGD steps per incoming batch)')
   _require(classic or 'tagem' not in config.strategy.names,
            'strategy tagem pools examples by their class label: the classic protocols only, not the vision stages')
   _require(not (train.balance_finetune_steps and 'packnet' in config.strategy.names),

@@ -16,6 +16,7 @@ import optax
 
 from clflax import tasks
 from clflax.strategies import der
+from clflax.strategies import mer
 from clflax.strategies import registry
 from clflax.strategies import replay
 from clflax.strategies import tagem
@@ -181,11 +182,37 @@ def _tagem_extra(model, state, batch, task, key, tagem_cfg, train_cfg):
   return ref_grads, (offer, batch['label'], offer_key, batch['valid'])
 
 
+def mer_train_step(state: TrainState, batch: dict, context: Context, *, model, task: str,
+                   config: ml_collections.ConfigDict):
+  """MER's update of one incoming batch: s Reptile batches, each an SGD step on the batch then k - 1 steps on memory
+  batches of its size (`mer.mer_step`, plain SGD at `train.learning_rate`; the optax chain is not used). While the
+  memory is empty its batches weigh nothing (their steps are no-ops). The one SHARED memory of the classic
+  protocols, filled at the end of each stage (not by reservoir over the stream, as in the paper)."""
+  mer_cfg, train_cfg = config.strategy.mer, config.train
+  rng, key, drop_key = jax.random.split(state.rng, 3)
+  memory = context.memories[SHARED]
+  s, k, n = mer_cfg.batches, mer_cfg.steps, batch['valid'].shape[0]
+  drawn = replay.sample(memory, key, s * max(k - 1, 1) * n)
+  drawn = dict(drawn, valid=jnp.logical_and(drawn['valid'], replay.size(memory) > 0))
+  drawn = jax.tree.map(lambda x: x.reshape((s, max(k - 1, 1), n) + x.shape[1:])[:, :k - 1], drawn)
+  batches = mer.mer_batches(jax.tree.map(lambda x: x[None], batch), drawn)
+
+  def loss_fn(params, b):
+    outputs, _ = forward(model, params, state.batch_stats, b, task, drop_key, train=True)  # (Same dropout mask.)
+    return tasks.loss(task, outputs, b, train_cfg)[0]
+
+  loss = loss_fn(state.params, batch)
+  params = mer.mer_step(state.params, loss_fn, batches, train_cfg.learning_rate, mer_cfg.beta, mer_cfg.gamma)
+  return state._replace(step=state.step + 1, params=params, rng=rng), {'ce': loss, 'total': loss}
+
+
 def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: optax.GradientTransformation,
                task: str, earlier: tuple[str, ...], config: ml_collections.ConfigDict):
   """One optimisation step of head `task`; returns (new state, metrics). Pure: jit it with `task` fixed."""
   strategy, train_cfg = config.strategy, config.train
   names = set(strategy.names)
+  if 'mer' in names:
+    return mer_train_step(state, batch, context, model=model, task=task, config=config)
   has_memory = memory_tasks(context, earlier)
   rng, drop_key, replay_key, agem_key = jax.random.split(state.rng, 4)
   # Folded from existing keys, so that adding DER / GEM left the other strategies' random streams as they were.

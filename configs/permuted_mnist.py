@@ -13,7 +13,8 @@ published learning rate:
   10 memory examples per term and step); tagem (0.1: task-agnostic A-GEM, its clustering memory of 10 label pools x
   17 clusters x 25 filled online with one example per step, no task boundaries used); packnet (0.03; prunes 80% of
   each task's weights per layer after its epoch, retrains one epoch, tests each task with its own weights, i.e. it
-  is told the task at test time, unlike the others); joint (0.03: the multi-task upper bound, every stage's batches drawn from
+  is told the task at test time, unlike the others); mer (0.1, inner SGD: 5 Reptile batches of the incoming batch
+  and one memory batch of 10, beta 0.1, gamma 1); joint (0.03: the multi-task upper bound, every stage's batches drawn from
   all 17 tasks, so the 17 stages make one epoch over their union); compositions joined by '+', e.g. agem+replay.
 Append ',smoke' for a few-hundred-example, 3-task version (seconds).
 
@@ -56,6 +57,9 @@ PUBLISHED = {
     # PackNet (task-incremental: each task is tested with its own weights): VAN's rate; 80% of each task's weights
     # per layer freed for later tasks (the 17th task still gets 0.8^16 = 2.8% of the weights), one retraining epoch.
     'packnet': (0.03, {'packnet.prune_fraction': 0.8, 'packnet.retrain_epochs': 1}),
+    # MER: inner SGD at A-GEM's rate, 5 Reptile batches of (incoming batch, one memory batch of 10), beta 0.1,
+    # gamma 1 (assumed, not tuned: the MER paper's MNIST protocol differs from this one).
+    'mer': (0.1, {'mer.batches': 5, 'mer.steps': 2, 'mer.beta': 0.1, 'mer.gamma': 1.0}),
 }
 STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive', 'derpp': 'der'}
 
@@ -102,6 +106,7 @@ def get_config(arg='agem'):
   config.strategy.agem.memory_per_task, config.strategy.agem.ref_batch = 250, 256
   config.strategy.replay.memory_per_task, config.strategy.replay.batch = 250, 10
   config.strategy.gem.memory_per_task, config.strategy.gem.ref_batch_per_task = 250, 250  # GEM: the whole memory.
+  config.strategy.mer.memory_per_task = 250
   config.strategy.der.memory_per_task, config.strategy.der.batch = 250, 10  # As ER: 10 memory examples per term.
   # TA-A-GEM: 10 label pools of 17 clusters x 25 = A-GEM's final 4,250-example budget; A-GEM's reference batch.
   config.strategy.tagem.clusters, config.strategy.tagem.per_cluster, config.strategy.tagem.ref_batch = 17, 25, 256
@@ -118,7 +123,7 @@ def get_config(arg='agem'):
     config.strategy.agem.memory_per_task = config.strategy.replay.memory_per_task = 50
     config.strategy.agem.ref_batch = 50
     config.strategy.gem.memory_per_task = config.strategy.gem.ref_batch_per_task = 50
-    config.strategy.der.memory_per_task = 50
+    config.strategy.der.memory_per_task = config.strategy.mer.memory_per_task = 50
     config.strategy.tagem.clusters, config.strategy.tagem.per_cluster, config.strategy.tagem.ref_batch = 3, 5, 50
     config.strategy.ewc.fisher_samples = config.strategy.mas.samples = 100
   return config

@@ -90,3 +90,48 @@ def test_bad_inputs_raise():
     mer.mer_step(params, _loss, {'x': xs, 'y': ys[0]}, 0.1, 1.0, 1.0)
   with pytest.raises(ValueError, match='memory leaves must be'):
     mer.mer_batches({'x': np.ones((1, 2))}, {'x': np.ones((3, 2, 5))})
+
+
+@pytest.mark.parametrize('memory_filled', [False, True])
+def test_trainer_step_is_reptile_over_the_batch_and_memory_batches(memory_filled):
+  """The trainer's MER step on the MLP against a Python loop of SGD steps with hand-written cross-entropy."""
+  from clflax import consolidate, steps, train  # pylint: disable=g-import-not-at-top
+  from clflax.strategies import replay  # pylint: disable=g-import-not-at-top
+  from configs import permuted_mnist  # pylint: disable=g-import-not-at-top
+  config = permuted_mnist.get_config('mer,smoke')
+  config.model.hidden = (8,)
+  lr, beta, gamma, s = 0.2, 0.3, 0.7, 3
+  config.train.learning_rate, config.strategy.mer.beta, config.strategy.mer.gamma = lr, beta, gamma
+  config.strategy.mer.batches, config.strategy.mer.steps = s, 2
+  model = train.build_model(config)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))['params']
+  rng = np.random.default_rng(0)
+  batch = consolidate.with_valid({'image': rng.normal(size=(4, 784)).astype(np.float32),
+                                  'label': rng.integers(0, 10, size=4).astype(np.int32)})
+  # A memory of 30 copies of ONE example: whatever is drawn, every memory batch is 4 copies of it.
+  stored = {'image': rng.normal(size=(784,)).astype(np.float32), 'label': np.int32(7)}
+  many = consolidate.with_valid({k: np.stack([v] * 30) for k, v in stored.items()})
+  memory = replay.init(30, jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), many))
+  if memory_filled:
+    memory = replay.append(memory, many)
+  state = steps.TrainState(jnp.zeros((), jnp.int32), params, {}, (), jax.random.PRNGKey(1))
+  new_state, _ = steps.mer_train_step(state, {k: jnp.asarray(v) for k, v in batch.items()},
+                                      steps.Context({steps.SHARED: memory}, {}), model=model, task='task2',
+                                      config=config)
+
+  def ce(p, image, label):
+    logits = model.apply({'params': p}, image)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), label[:, None], axis=1))
+
+  def sgd(p, image, label):
+    return jax.tree.map(lambda w, g: w - lr * g, p, jax.grad(ce)(p, image, label))
+
+  theta = params
+  for _ in range(s):
+    start = theta
+    theta = sgd(theta, batch['image'], batch['label'])
+    if memory_filled:
+      theta = sgd(theta, np.stack([stored['image']] * 4), np.full(4, 7, np.int32))
+    theta = jax.tree.map(lambda a, b: a + beta * (b - a), start, theta)
+  want = jax.tree.map(lambda a, b: a + gamma * (b - a), params, theta)
+  jax.tree.map(lambda got, w: np.testing.assert_allclose(got, w, rtol=2e-4, atol=1e-6), new_state.params, want)

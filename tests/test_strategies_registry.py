@@ -43,15 +43,16 @@ def test_default_config_fields():
       'der': {'memory_per_task': 64, 'batch': 8, 'alpha': 0.3, 'beta': 0.0},
       'tagem': {'pools': 10, 'clusters': 4, 'per_cluster': 4, 'ref_batch': 16},
       'packnet': {'prune_fraction': 0.75, 'retrain_epochs': 1},
+      'mer': {'memory_per_task': 64, 'batches': 5, 'steps': 2, 'beta': 0.1, 'gamma': 1.0},
   }
   assert registry.default_config().to_dict() == want
   assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet')
+                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer')
 
 
 def test_every_combination_builds_in_order():
   params = _params()
-  known = [n for n in registry.KNOWN if n not in ('tagem', 'packnet')]  # Their own tests below.
+  known = [n for n in registry.KNOWN if n not in ('tagem', 'packnet', 'mer')]  # Their own tests below.
   for r in range(1, len(known) + 1):
     for names in itertools.combinations(known, r):
       tx = registry.build_tx(_cfg(*names), optax.adamw(1e-3), clip_norm=1.0)
@@ -82,6 +83,12 @@ def test_packnet_comes_after_the_base_optimizer():
   cfg.packnet.prune_fraction = 1.0
   with pytest.raises(ValueError, match='prune_fraction must be < 1'):
     registry.validate(cfg)
+
+
+def test_mer_stands_alone():
+  registry.validate(_cfg('mer'))
+  with pytest.raises(ValueError, match='mer replaces the optimizer step'):
+    registry.validate(_cfg('mer', 'ewc'))
 
 
 def test_transform_combinations_run_under_jit():

@@ -1,4 +1,4 @@
-"""GEM and DER++ through the trainer: registry, the jitted step against plain-JAX references, memories, smoke runs."""
+"""GEM, DER++, TA-A-GEM, PackNet and MER through the trainer: registry, steps against plain-JAX references, smoke runs."""
 import functools
 import itertools
 import json
@@ -180,23 +180,24 @@ def _scores(workdir):
   return matrix[-1].mean(), np.mean([matrix[:-1, j].max() - matrix[-1, j] for j in range(matrix.shape[1] - 1)])
 
 
-def test_gem_derpp_and_tagem_smoke_runs_beat_vanilla(shared_data, tmp_path):
+def test_gem_derpp_tagem_and_mer_smoke_runs_beat_vanilla(shared_data, tmp_path):
   scores = {}
-  for name in ('vanilla', 'gem', 'derpp', 'tagem'):
+  for name in ('vanilla', 'gem', 'derpp', 'tagem', 'mer'):
     config = permuted_mnist.get_config(f'{name},smoke')
     config.data_dir = str(shared_data)
     assert run.main(config, str(tmp_path / name)) == 0
     scores[name] = _scores(tmp_path / name)
-  for name in ('gem', 'derpp', 'tagem'):
+  for name in ('gem', 'derpp', 'tagem', 'mer'):
     assert scores[name][0] > scores['vanilla'][0], scores  # Final mean accuracy A_T.
     assert scores[name][1] < scores['vanilla'][1], scores  # Forgetting.
 
 
-def test_tagem_is_refused_on_the_vision_stages():
+@pytest.mark.parametrize('name', ['tagem', 'mer'])
+def test_classic_only_strategies_are_refused_on_the_vision_stages(name):
   from clflax import configuration  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config('smoke')
-  config.strategy.names = ('tagem',)
+  config.strategy.names = (name,)
   with pytest.raises(ValueError, match='classic protocols only'):
     configuration.validate(config)
 

@@ -7,7 +7,7 @@ memory, kept in its optax state), gem (projects it onto the cone of the earlier
 tasks' gradients), clip_by_global_norm, base optimizer, packnet (zeroes the
 final update of every weight the current task does not own).
 'naive', 'replay', 'lwf' and 'der' add no transform: they act on the data /
-loss and the trainer handles them.
+loss and the trainer handles them. 'mer' replaces the whole update (its own inner SGD and Reptile steps).
 """
 import math
 import numbers
@@ -26,8 +26,8 @@ from clflax.strategies import packnet as packnet_lib
 from clflax.strategies import si as si_lib
 from clflax.strategies import tagem as tagem_lib
 
-KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem', 'packnet')
-MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der')  # Keep an episodic memory of each task (`memory_per_task`).
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer')
+MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der', 'mer')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
 
 S = TypeVar('S')
@@ -89,6 +89,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.packnet = ml_collections.ConfigDict()  # PackNet (Mallya & Lazebnik 2018); task-specific weights at inference.
   c.packnet.prune_fraction = 0.75  # Fraction of each task's weights per layer freed for later tasks after its stage.
   c.packnet.retrain_epochs = 1  # Epochs of retraining the kept weights after pruning.
+
+  c.mer = ml_collections.ConfigDict()  # Meta-Experience Replay (Riemer et al. 2019), Reptile form; its own update.
+  c.mer.memory_per_task = 64  # Episodic memory kept per finished task.
+  c.mer.batches = 5  # s: Reptile batches per incoming batch.
+  c.mer.steps = 2  # k: SGD steps per Reptile batch: the incoming batch, then k - 1 memory batches of its size.
+  c.mer.beta = 0.1  # Within-batch Reptile rate (1 = plain SGD through the batch).
+  c.mer.gamma = 1.0  # Across-batch Reptile rate.
   return c
 
 
@@ -135,6 +142,8 @@ _FIELDS = {
     'tagem': {'pools': {'positive': True, 'integer': True}, 'clusters': {'positive': True, 'integer': True},
               'per_cluster': {'positive': True, 'integer': True}, 'ref_batch': {'positive': True, 'integer': True}},
     'packnet': {'prune_fraction': {}, 'retrain_epochs': {'integer': True}},
+    'mer': {'memory_per_task': {'positive': True, 'integer': True}, 'batches': {'positive': True, 'integer': True},
+            'steps': {'positive': True, 'integer': True}, 'beta': {'positive': True}, 'gamma': {'positive': True}},
 }
 
 
@@ -154,6 +163,9 @@ def validate(strategy_cfg) -> tuple:
       raise ValueError(f'unknown strategy {name!r}; known: {KNOWN}')
   if len(set(names)) != len(names):
     raise ValueError(f'strategy.names has duplicates: {tuple(names)}')
+  if 'mer' in names and set(names) - {'mer', 'naive'}:
+    raise ValueError(f'strategy mer replaces the optimizer step with its own: it combines with no other strategy, '
+                     f'got {tuple(names)}')
   if {'agem', 'tagem'} <= set(names):
     raise ValueError('strategy.names has both agem and tagem: TA-A-GEM is A-GEM with its own memory, pick one')
   for name in names:
