@@ -16,6 +16,7 @@ from clflax import inputs
 from clflax.data import benchmarks
 from clflax.data import sources
 from clflax.models import mlp
+from clflax.models import progressive
 from clflax.strategies import registry
 
 
@@ -43,16 +44,34 @@ class Pool(NamedTuple):
   seed: jax.Array  # uint32 scalar: shuffling seed.
 
 
+class ProgressiveClassicNet(nn.Module):
+  """A Progressive Network of the benchmarks' MLP, one column per stage: head `task` runs columns 0..its stage and
+  returns its column's logits (the task is needed at test time). Without `task` (init) every column is built."""
+  task_names: Sequence[str]
+  hidden: Sequence[int] = (256, 256)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, images, task=None, train=False, head=None):
+    del train, head  # Every column has its own output layer.
+    columns = len(self.task_names)
+    column = columns - 1 if task is None else self.task_names.index(task)
+    return progressive.ProgressiveMLP(tuple(self.hidden), self.num_classes, columns, name='progressive')(
+        images, column=column)
+
+
 def task_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Stage names: the tasks after the `skip_tasks` used only for tuning, e.g. ('task4', ..., 'task20')."""
   c = config.classic
   return tuple(f'task{i + 1}' for i in range(c.skip_tasks, c.num_tasks))
 
 
-def build_model(config: ml_collections.ConfigDict) -> ClassicNet:
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   c = config.classic
   num_heads = c.num_tasks if c.multi_head else 1
   num_classes = c.classes_per_task if (c.protocol == 'split' and c.multi_head) else benchmarks.NUM_CLASSES
+  if 'progressive' in config.strategy.names:
+    return ProgressiveClassicNet(tuple(config.tasks), tuple(config.model.hidden), num_classes)
   return ClassicNet(tuple(config.model.hidden), num_classes, num_heads, config.model.init)
 
 

@@ -97,6 +97,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   _require(classic or 'packnet' not in config.strategy.names,
            'strategy packnet: the classic protocols only (the vision backbone\'s batch-norm statistics are shared by '
            'every task, so its per-task weights would not give back each task\'s function)')
+  _require(classic or 'progressive' not in config.strategy.names,
+           'strategy progressive: the classic protocols only (a Progressive Network of the MLP, a column per task)')
   _require(classic or 'mer' not in config.strategy.names,
            'strategy mer: the classic protocols only (s x k SGD steps per incoming batch)')
   _require(classic or 'tagem' not in config.strategy.names,

@@ -26,6 +26,7 @@ from clflax import steps
 from clflax import tasks
 from clflax import tracking
 from clflax.models import multitask
+from clflax.models import progressive
 from clflax.strategies import ewc
 from clflax.strategies import l2
 from clflax.strategies import mas
@@ -210,7 +211,8 @@ def _stage_functions(run: Run, k: int, task: str):
     earlier = tuple(t for t in config.tasks if t != task) if config.train.get('joint') else config.tasks[:k]
     return tx, steps.jit_train_step(run.model, tx, task, earlier, config, parallel.replicated(run.mesh),
                                     parallel.batch_sharding(run.mesh))
-  key = (tasks.kind(task), steps_per_epoch)
+  # Progressive Networks run a different column, i.e. a different program, per stage.
+  key = (task if 'progressive' in config.strategy.names else tasks.kind(task), steps_per_epoch)
   if key not in run.compiled:
     tx = make_tx(config, steps_per_epoch, run.data.example_batches[task])
     run.compiled[key] = tx, steps.jit_scan_epoch(run.model, tx, task, (), config, run.data.scan[1], steps_per_epoch)
@@ -367,6 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       opt_state = fresh_optimizer_state(tx, state.params, state.opt_state)
       if 'packnet' in config.strategy.names:  # Stage k owns every weight no earlier stage kept.
         opt_state = registry.replace_state(opt_state, packnet.PackNetState, lambda s: packnet.start_task(s, k))
+      if 'progressive' in config.strategy.names:  # Only stage k's column trains.
+        opt_state = registry.replace_state(opt_state, progressive.ColumnState,
+                                           lambda s: s._replace(column=jnp.asarray(k, jnp.int32)))
       tree['state'] = parallel.copy_tree(parallel.replicate(run.mesh, state._replace(opt_state=opt_state)))
     tree = run_stage(k, run, tree, progress)
     if 'packnet' in config.strategy.names:  # No checkpoint until the stage snapshot: a resume prunes only once.

@@ -14,7 +14,8 @@ published learning rate:
   17 clusters x 25 filled online with one example per step, no task boundaries used); packnet (0.03; prunes 80% of
   each task's weights per layer after its epoch, retrains one epoch, tests each task with its own weights, i.e. it
   is told the task at test time, unlike the others); mer (0.1, inner SGD: 5 Reptile batches of the incoming batch
-  and one memory batch of 10, beta 0.1, gamma 1); joint (0.03: the multi-task upper bound, every stage's batches drawn from
+  and one memory batch of 10, beta 0.1, gamma 1); progressive (0.03: a Progressive Network, one MLP column per task
+  with lateral adapters, each task tested through its own column); joint (0.03: the multi-task upper bound, every stage's batches drawn from
   all 17 tasks, so the 17 stages make one epoch over their union); compositions joined by '+', e.g. agem+replay.
 Append ',smoke' for a few-hundred-example, 3-task version (seconds).
 
@@ -60,6 +61,9 @@ PUBLISHED = {
     # MER: inner SGD at A-GEM's rate, 5 Reptile batches of (incoming batch, one memory batch of 10), beta 0.1,
     # gamma 1 (assumed, not tuned: the MER paper's MNIST protocol differs from this one).
     'mer': (0.1, {'mer.batches': 5, 'mer.steps': 2, 'mer.beta': 0.1, 'mer.gamma': 1.0}),
+    # Progressive Networks: a new 784-256-256-10 column per task with lateral adapters from the frozen earlier ones
+    # (task-aware at test time, parameters grow with every task); VAN's rate.
+    'progressive': (0.03, {}),
 }
 STRATEGY_NAMES = {'vanilla': 'naive', 'ewc_running': 'ewc', 'joint': 'naive', 'derpp': 'der'}
 

@@ -128,3 +128,13 @@ def test_trainable_mask_and_errors(mlp):
     MLP.apply({'params': params}, x, column=3)
   with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
     CONV.apply({'params': {}}, jnp.ones((2, 8, 8)), column=0)
+
+
+def test_train_column_only_zeroes_every_other_columns_update():
+  updates = {'column_0': {'w': jnp.ones(2)}, 'column_1': {'w': jnp.full(2, 2.0)}, 'shared': jnp.full(3, 3.0)}
+  tx = progressive.train_column_only()
+  state = tx.init(updates)._replace(column=jnp.asarray(1, jnp.int32))
+  out, _ = jax.jit(tx.update)(updates, state)
+  np.testing.assert_array_equal(out['column_0']['w'], [0, 0])  # Frozen.
+  np.testing.assert_array_equal(out['column_1']['w'], [2, 2])  # The column being trained.
+  np.testing.assert_array_equal(out['shared'], [3, 3, 3])  # Outside every column: untouched.

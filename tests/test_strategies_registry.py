@@ -47,12 +47,12 @@ def test_default_config_fields():
   }
   assert registry.default_config().to_dict() == want
   assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer')
+                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer', 'progressive')
 
 
 def test_every_combination_builds_in_order():
   params = _params()
-  known = [n for n in registry.KNOWN if n not in ('tagem', 'packnet', 'mer')]  # Their own tests below.
+  known = [n for n in registry.KNOWN if n not in ('tagem', 'packnet', 'mer', 'progressive')]  # Own tests below.
   for r in range(1, len(known) + 1):
     for names in itertools.combinations(known, r):
       tx = registry.build_tx(_cfg(*names), optax.adamw(1e-3), clip_norm=1.0)
@@ -89,6 +89,9 @@ def test_mer_stands_alone():
   registry.validate(_cfg('mer'))
   with pytest.raises(ValueError, match='mer replaces the optimizer step'):
     registry.validate(_cfg('mer', 'ewc'))
+  registry.validate(_cfg('progressive'))
+  with pytest.raises(ValueError, match='strategy progressive combines with no other'):
+    registry.validate(_cfg('replay', 'progressive'))
 
 
 def test_transform_combinations_run_under_jit():

@@ -20,7 +20,7 @@ logits.
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -191,3 +191,38 @@ def freeze_others(tx: optax.GradientTransformation, params: PyTree,
   """
   return optax.chain(tx, optax.masked(optax.set_to_zero(),
                                       frozen_mask(params, column)))
+
+
+class ColumnState(NamedTuple):
+  """The column being trained (set by the trainer at each stage)."""
+  column: jax.Array  # int32 scalar.
+
+
+def _leaf_column(path) -> int:
+  """Column number of a parameter from its path ('column_<k>'), -1 outside every column."""
+  for entry in path:
+    key = getattr(entry, 'key', None)
+    if isinstance(key, str) and key.startswith('column_'):
+      return int(key[len('column_'):])
+  return -1
+
+
+def train_column_only() -> optax.GradientTransformationExtraArgs:
+  """Zeroes the update of every parameter outside column `state.column` (parameters outside all columns pass).
+
+  The column is state, not a Python constant, so one compiled step serves every stage. Put it LAST in the chain.
+  """
+  def init_fn(params):
+    del params
+    return ColumnState(jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra):
+    del params, extra
+
+    def one(path, u):
+      column = _leaf_column(path)
+      return u if column < 0 else jnp.where(state.column == column, u, jnp.zeros_like(u))
+
+    return jax.tree_util.tree_map_with_path(one, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -5,7 +5,9 @@ gradients added to the task gradient), agem (projects the sum against the
 memory's reference gradient; tagem the same with its own online clustering
 memory, kept in its optax state), gem (projects it onto the cone of the earlier
 tasks' gradients), clip_by_global_norm, base optimizer, packnet (zeroes the
-final update of every weight the current task does not own).
+final update of every weight the current task does not own) or progressive
+(zeroes it outside the current task's column; the model becomes a
+Progressive Network, `models/progressive.py`).
 'naive', 'replay', 'lwf' and 'der' add no transform: they act on the data /
 loss and the trainer handles them. 'mer' replaces the whole update (its own inner SGD and Reptile steps).
 """
@@ -17,6 +19,7 @@ import jax
 import ml_collections
 import optax
 
+from clflax.models import progressive as progressive_lib
 from clflax.strategies import agem as agem_lib
 from clflax.strategies import ewc as ewc_lib
 from clflax.strategies import gem as gem_lib
@@ -26,7 +29,8 @@ from clflax.strategies import packnet as packnet_lib
 from clflax.strategies import si as si_lib
 from clflax.strategies import tagem as tagem_lib
 
-KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer')
+KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer',
+         'progressive')
 MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der', 'mer')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
 
@@ -163,9 +167,10 @@ def validate(strategy_cfg) -> tuple:
       raise ValueError(f'unknown strategy {name!r}; known: {KNOWN}')
   if len(set(names)) != len(names):
     raise ValueError(f'strategy.names has duplicates: {tuple(names)}')
-  if 'mer' in names and set(names) - {'mer', 'naive'}:
-    raise ValueError(f'strategy mer replaces the optimizer step with its own: it combines with no other strategy, '
-                     f'got {tuple(names)}')
+  for alone in ('mer', 'progressive'):
+    if alone in names and set(names) - {alone, 'naive'}:
+      raise ValueError(f'strategy {alone} combines with no other strategy (mer replaces the optimizer step, '
+                       f'progressive the model), got {tuple(names)}')
   if {'agem', 'tagem'} <= set(names):
     raise ValueError('strategy.names has both agem and tagem: TA-A-GEM is A-GEM with its own memory, pick one')
   for name in names:
@@ -226,6 +231,8 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
   parts.append(base_tx)
   if 'packnet' in names:  # Last: momentum or weight decay must not move a frozen weight either.
     parts.append(packnet_lib.packnet())
+  if 'progressive' in names:  # Likewise last.
+    parts.append(progressive_lib.train_column_only())
   return optax.chain(*parts)
 
 
