@@ -59,7 +59,8 @@ def build_model(config: ml_collections.ConfigDict):
     return classic.build_model(config)
   return multitask.MultiTaskNet(
       backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES, neck_channels=config.model.neck_channels,
-      depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections)
+      depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections,
+      frozen_bn=config.model.get('frozen_bn', False))
 
 
 def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> optax.GradientTransformation:

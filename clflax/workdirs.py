@@ -15,6 +15,7 @@ ADDED_FIELDS = {
     'train.flatten_optimizer': False,  # The optimizer on the parameter tree as it is.
     'strategy.si.max_stiffness': 0.0,  # SI's penalty uncapped.
     'train.joint': False,  # Continual stages.
+    'model.frozen_bn': False,  # Batch norm in training mode.
 }
 
 

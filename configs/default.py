@@ -41,6 +41,7 @@ def get_config(arg=None):
   config.model.neck_channels = 64  # Width of the FPN neck shared by the heads.
   config.model.depthwise = 'auto'  # Depthwise conv: 'shifted' (fast on CPU), 'xla' (GPU/TPU), 'auto' per backend.
   config.model.dropout = 0.2  # Dropout before the classification layer.
+  config.model.frozen_bn = False  # Backbone batch norm on its (pretrained) running statistics in training too.
   config.model.max_detections = 100  # Boxes decoded per image for detection mAP.
   config.model.hidden = (256, 256)  # Hidden widths of the MLP (backbone='mlp', classic benchmarks only).
   config.model.init = 'default'  # MLP init: 'default' or 'agem_paper' (classic benchmarks only).

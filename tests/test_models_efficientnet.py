@@ -149,3 +149,27 @@ def test_drop_connect_drops_the_whole_branch_per_example():
   assert np.all(kept ^ zero)  # Each example: branch scaled by 1/keep, or gone.
   assert 16 < kept.sum() < 48
   np.testing.assert_allclose(np.asarray(eval5), np.asarray(eval0), rtol=1e-6)
+
+
+@pytest.mark.parametrize('frozen_bn', [False, True])
+def test_frozen_bn_trains_on_the_running_statistics_and_keeps_them(frozen_bn):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  model = E.EfficientNet('tiny', drop_connect_rate=0.0, frozen_bn=frozen_bn)
+  variables = jax.jit(lambda xx: model.init(jax.random.PRNGKey(0), xx))(x)
+  # Running statistics far from this batch's, as pretrained ones are from a small batch of another dataset.
+  stats = jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 2.0, s.shape), s.dtype), variables['batch_stats'])
+  variables = dict(variables, batch_stats=stats)
+
+  @jax.jit
+  def run(v, xx):
+    trained, updates = model.apply(v, xx, train=True, mutable=['batch_stats'])
+    return trained, updates['batch_stats'], model.apply(v, xx, train=False)
+
+  trained, new_stats, evaluated = run(variables, x)
+  same = [np.allclose(a, b, rtol=1e-5) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(evaluated))]
+  kept = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_stats), jax.tree.leaves(stats))]
+  if frozen_bn:  # Inference arithmetic in training, statistics untouched.
+    assert all(same) and all(kept)
+  else:  # Batch statistics normalise, and the running ones move towards them.
+    assert not any(same) and not any(kept)

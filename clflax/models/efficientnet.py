@@ -193,22 +193,24 @@ class MBConv(nn.Module):
   lite: bool
   drop_rate: float
   depthwise: str = 'auto'
+  frozen_bn: bool = False  # Batch norm always on its running statistics (and never updates them).
 
   @nn.compact
   def __call__(self, inputs, train: bool):
     act = jax.nn.relu6 if self.lite else jax.nn.silu
+    bn_train = train and not self.frozen_bn
     x = inputs
     mid = inputs.shape[-1] * self.expand
     if self.expand != 1:
-      x = act(_bn(train, 'expand_bn')(_conv1x1(mid, 'expand_conv')(x)))
+      x = act(_bn(bn_train, 'expand_bn')(_conv1x1(mid, 'expand_conv')(x)))
     x = DepthwiseConv(self.kernel, self.stride, self.depthwise, name='depthwise_conv')(x)
-    x = act(_bn(train, 'depthwise_bn')(x))
+    x = act(_bn(bn_train, 'depthwise_bn')(x))
     if self.se_ch:
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
       s = act(nn.Conv(self.se_ch, (1, 1), kernel_init=conv_init, name='se_reduce')(s))
       s = nn.Conv(mid, (1, 1), kernel_init=conv_init, name='se_expand')(s)
       x = x * jax.nn.sigmoid(s)
-    x = _bn(train, 'project_bn')(_conv1x1(self.out_ch, 'project_conv')(x))
+    x = _bn(bn_train, 'project_bn')(_conv1x1(self.out_ch, 'project_conv')(x))
     if self.stride == 1 and inputs.shape[-1] == self.out_ch:
       # Drop-connect: drop the whole residual branch per example.
       x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3))(x, deterministic=not train)
@@ -229,6 +231,9 @@ class EfficientNet(nn.Module):
   depthwise: str = 'auto'
   drop_connect_rate: float = 0.2
   dropout_rate: float | None = None  # None: the variant's own rate.
+  # Batch norm on the (pretrained) running statistics in training too, never updating them: small batches then
+  # cannot overwrite ImageNet statistics, nor one task's images the statistics earlier tasks rely on.
+  frozen_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -238,7 +243,8 @@ class EfficientNet(nn.Module):
     act = jax.nn.relu6 if spec.lite else jax.nn.silu
     x = nn.Conv(spec.stem_ch, (3, 3), (2, 2), padding='SAME', use_bias=False,
                 kernel_init=conv_init, name='stem_conv')(x)
-    x = act(_bn(train, 'stem_bn')(x))
+    bn_train = train and not self.frozen_bn
+    x = act(_bn(bn_train, 'stem_bn')(x))
     total = sum(s.repeats for s in spec.stages)
     features, stride, idx = {}, 2, 0
     for stage in spec.stages:
@@ -248,11 +254,11 @@ class EfficientNet(nn.Module):
         x = MBConv(stage.kernel, block_stride, stage.expand, stage.out_ch,
                    se_ch=max(1, int(in_ch * stage.se_ratio)) if stage.se_ratio else 0,
                    lite=spec.lite, drop_rate=self.drop_connect_rate * idx / total,
-                   depthwise=self.depthwise, name=f'blocks_{idx}')(x, train)
+                   depthwise=self.depthwise, frozen_bn=self.frozen_bn, name=f'blocks_{idx}')(x, train)
         idx += 1
       stride *= stage.stride
       features[stride] = x  # A later stage at the same stride overwrites.
-    x = act(_bn(train, 'head_bn')(_conv1x1(spec.head_ch, 'head_conv')(x)))
+    x = act(_bn(bn_train, 'head_bn')(_conv1x1(spec.head_ch, 'head_conv')(x)))
     features[stride] = x
     if not self.include_top:
       return {s: features[s] for s in (4, 8, 16, 32)}

@@ -32,6 +32,7 @@ class MultiTaskNet(nn.Module):
   dropout: float = 0.2
   max_detections: int = 100
   drop_connect_rate: float = 0.2
+  frozen_bn: bool = False  # The backbone's batch norm on its running statistics, also in training.
 
   @nn.compact
   def __call__(self, images, task: str = 'cls', train: bool = False):
@@ -40,7 +41,7 @@ class MultiTaskNet(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'MultiTaskNet expects [B, H, W, 3] images, got shape {images.shape}')
     feats = EfficientNet(self.backbone, depthwise=self.depthwise,
-                         drop_connect_rate=self.drop_connect_rate,
+                         drop_connect_rate=self.drop_connect_rate, frozen_bn=self.frozen_bn,
                          name='backbone')(normalize(images, self.backbone), train)
     every = self.is_initializing()
     out = {}
