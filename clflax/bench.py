@@ -1,6 +1,6 @@
 r"""Benchmarks of the trainer's own compiled steps: `python -m clflax.bench`.
 
-Every timed step is `steps.jit_train_step` with `train.make_tx`, exactly as a stage runs it (state donated,
+Every timed step is `steps.jit_train_step` with `optim.make_tx`, exactly as a stage runs it (state donated,
 replicated over the mesh, batch sharded), on random inputs of the right shapes. Rows:
   step      per head x strategy: median seconds after warm-up, images/s, trace / cold compile / cached compile s
   fisher    EWC's per-example Fisher (ewc.fisher_diagonal, as consolidate runs it): seconds per example,
@@ -30,6 +30,7 @@ import numpy as np
 
 from clflax import bench_report
 from clflax import consolidate
+from clflax import optim
 from clflax import parallel
 from clflax import steps
 from clflax import train
@@ -153,8 +154,8 @@ def setup_step(config, task: str, model, variables, mesh) -> Setup:
   """
   names = set(config.strategy.names)
   variables = jax.device_put(jax.device_get(variables))  # Own buffers: the state is donated.
-  tx = train.make_tx(config, steps_per_epoch=100)
-  state = train.initial_state(config, variables, tx)
+  tx = optim.make_tx(config, steps_per_epoch=100)
+  state = optim.initial_state(config, variables, tx)
   if 'ewc' in names:
     fisher, anchor = _ewc_stand_ins(state.params, jax.random.PRNGKey(7))
     state = state._replace(opt_state=registry.replace_state(

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from clu import metric_writers
 
@@ -21,19 +20,15 @@ from clflax import classic
 from clflax import consolidate as consolidation
 from clflax import evaluation
 from clflax import inputs
+from clflax import optim
 from clflax import parallel
 from clflax import steps
 from clflax import tasks
 from clflax import tracking
 from clflax.models import multitask
 from clflax.models import progressive
-from clflax.strategies import ewc
-from clflax.strategies import l2
-from clflax.strategies import mas
 from clflax.strategies import packnet
 from clflax.strategies import registry
-from clflax.strategies import si
-from clflax.strategies import tagem
 
 
 class Run(NamedTuple):
@@ -61,89 +56,6 @@ def build_model(config: ml_collections.ConfigDict):
       backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES, neck_channels=config.model.neck_channels,
       depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections,
       frozen_bn=config.model.get('frozen_bn', False))
-
-
-def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> optax.GradientTransformation:
-  """Clipping + the base optimizer: warm-up, then cosine warm restarts every `period_steps` (or a constant rate).
-
-  With `train.flatten_optimizer`, clipping and the base optimizer run on all parameters raveled into one vector
-  (`optax.flatten`): the same arithmetic as leaf by leaf, but a few dozen ops instead of tens per leaf, which halves
-  the step's compile time and keeps the optimizer state two arrays instead of hundreds in every checkpoint; the
-  ravel costs ~15 ms per step for 4M parameters on CPU (under 1% of a vision step, but 25x the MNIST MLP's step, so
-  the classic configs turn it off). `train.backbone_lr_scale` < 1 gives the (pretrained) backbone its own, lower
-  learning rate.
-  """
-  train = config.train
-
-  def optimizer(scale):
-    peak = train.learning_rate * scale
-    if train.constant_learning_rate:
-      schedule = peak
-    else:
-      schedule = sgdr_schedule(peak, max(1, period_steps), train.warmup_steps)
-    if train.optimizer == 'sgd':
-      tx = optax.chain(optax.add_decayed_weights(train.weight_decay),
-                       optax.sgd(schedule, momentum=train.momentum or None))
-    elif train.optimizer == 'adam':
-      tx = optax.adam(schedule)
-    else:
-      tx = optax.adamw(schedule, weight_decay=train.weight_decay)
-    return tx
-
-  flat = optax.flatten if train.flatten_optimizer else (lambda tx: tx)
-  clip = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm else []  # On the whole gradient.
-  scale = train.get('backbone_lr_scale', 1.0)
-  if scale == 1.0:
-    return flat(optax.chain(*clip, optimizer(1.0)))
-  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'rest' for k in params}  # noqa: E731
-  return optax.chain(*clip, optax.multi_transform(  # Pretrained features move slower than the new neck and heads.
-      {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
-
-
-def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None
-            ) -> optax.GradientTransformation:
-  """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`).
-  `example_batch` (a training batch) shapes the memory of strategies that keep one in their optax state (tagem)."""
-  example = None if example_batch is None else {k: v[0] for k, v in example_batch.items() if k != 'valid'}
-  return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch),
-                           example=example)
-
-
-def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):
-  """SGDR (Loshchilov & Hutter): cosine annealing from `peak` to `final_fraction * peak`, restarted every `period`
-  steps; the first period starts with a linear warm-up from 0 over `warmup` steps. One closed form (a join of
-  per-period optax schedules compiled to thousands of ops)."""
-  warmup = min(warmup, period - 1)
-
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    first = step < period
-    start = jnp.where(first, warmup, 0)  # Where the cosine of this period begins.
-    length = jnp.where(first, period - warmup, period)
-    t = jnp.clip(jnp.where(first, step, jnp.mod(step, period)) - start, 0, length)
-    cosine = peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * t / length)))
-    ramp = peak * step / max(warmup, 1)
-    return jnp.where(first & (step < warmup), ramp, cosine)
-
-  return schedule
-
-
-def fresh_optimizer_state(tx, params, old_opt_state=None):
-  """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
-  opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
-  if old_opt_state is not None:
-    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState,
-                       packnet.PackNetState):
-      old = registry.find_state(old_opt_state, state_type)
-      if old is not None:
-        opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
-  return opt_state
-
-
-def initial_state(config, variables, tx) -> steps.TrainState:
-  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-  params, batch_stats = variables['params'], variables['batch_stats']
-  return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, jax.jit(tx.init)(params), rng)
 
 
 def _log_progress(stage_label, epoch, epochs, done, total, start_time, last, writer, global_step):
@@ -208,14 +120,14 @@ def _stage_functions(run: Run, k: int, task: str):
   the same shapes and one shared memory, so one compiled epoch serves all stages."""
   config, steps_per_epoch = run.config, run.data.steps_per_epoch[task]
   if run.data.scan is None:
-    tx = make_tx(config, steps_per_epoch, run.data.example_batches[task])
+    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task])
     earlier = tuple(t for t in config.tasks if t != task) if config.train.get('joint') else config.tasks[:k]
     return tx, steps.jit_train_step(run.model, tx, task, earlier, config, parallel.replicated(run.mesh),
                                     parallel.batch_sharding(run.mesh))
   # Progressive Networks run a different column, i.e. a different program, per stage.
   key = (task if 'progressive' in config.strategy.names else tasks.kind(task), steps_per_epoch)
   if key not in run.compiled:
-    tx = make_tx(config, steps_per_epoch, run.data.example_batches[task])
+    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task])
     run.compiled[key] = tx, steps.jit_scan_epoch(run.model, tx, task, (), config, run.data.scan[1], steps_per_epoch)
   return run.compiled[key]
 
@@ -291,7 +203,7 @@ def run_balance(run: Run, tree: dict, meta: dict) -> dict:
   """The optional final fine-tune: `train.balance_finetune_steps` steps on all tasks' memories at once, with a
   fresh base optimizer (one warm-up + cosine over the fine-tune); the strategies' states are put back after."""
   config, num_steps = run.config, run.config.train.balance_finetune_steps
-  tx = base_optimizer(config, num_steps)
+  tx = optim.base_optimizer(config, num_steps)
   step_fn = steps.jit_balance_step(run.model, tx, config.tasks, config)
   strategies_state = tree['state'].opt_state
   # Copied: the step donates its state, and strategies' states may hold the very arrays of the params.
@@ -323,8 +235,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
       variables = multitask.init_variables(model, key, config.model.image_size,
                                            pretrained_path=config.model.pretrained or None)
   counts = multitask.count_params(variables)
-  tx = make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]])
-  state = initial_state(config, variables, tx)
+  tx = optim.make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]])
+  state = optim.initial_state(config, variables, tx)
   teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
   # One memory shared by all tasks for the classic benchmarks (same head, same example shapes), else one per task.
   if config.train.get('joint'):  # Every task's whole training set, from the start.
@@ -367,7 +279,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state = tree['state']
       # Placed like the step's outputs (replicated on the mesh), or the step's second call would re-trace; and
       # copied, as strategies' states may hold the very arrays of the params (EWC's anchor) and the step donates.
-      opt_state = fresh_optimizer_state(tx, state.params, state.opt_state)
+      opt_state = optim.fresh_optimizer_state(tx, state.params, state.opt_state)
       if 'packnet' in config.strategy.names:  # Stage k owns every weight no earlier stage kept.
         opt_state = registry.replace_state(opt_state, packnet.PackNetState, lambda s: packnet.start_task(s, k))
       if 'progressive' in config.strategy.names:  # Only stage k's column trains.

@@ -2,7 +2,7 @@
 
 The 4 CPU devices need XLA_FLAGS before JAX starts, so that run is a subprocess executing this file; the
 single-device reference runs in the test process (conftest: one CPU device). Both go through the trainer's
-own pieces (train.make_tx / initial_state, parallel.make_mesh / replicate / shard_batch,
+own pieces (optim.make_tx / initial_state, parallel.make_mesh / replicate / shard_batch,
 steps.jit_train_step with the mesh shardings). SGD keeps the comparison tight: Adam's g / sqrt(v) would
 amplify float noise of near-zero gradients.
 """
@@ -55,15 +55,15 @@ def _batches(task, n, seed):
 def run_steps(names):
   """`_STEPS` steps of the cls head (A-GEM: with a seg memory); returns losses, params, sharding facts."""
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS in the subprocess)
-  from clflax import consolidate, parallel, steps, train  # pylint: disable=g-import-not-at-top
+  from clflax import consolidate, optim, parallel, steps, train  # pylint: disable=g-import-not-at-top
   from clflax.models import multitask  # pylint: disable=g-import-not-at-top
   from clflax.strategies import replay  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_disable_most_optimizations', True)
   config = _config(names)
   model = train.build_model(config)
   variables = multitask.init_variables(model, jax.random.PRNGKey(0), _SIZE)
-  tx = train.make_tx(config, steps_per_epoch=10)
-  state = train.initial_state(config, variables, tx)
+  tx = optim.make_tx(config, steps_per_epoch=10)
+  state = optim.initial_state(config, variables, tx)
   earlier = ('seg',) if 'agem' in names else ()
   memories = {}
   if earlier:

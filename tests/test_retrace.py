@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from fake_data import arrays as fake_arrays
+from clflax import optim
 from clflax import steps
 from clflax import train
 
@@ -39,8 +40,8 @@ def test_jitted_step_keeps_one_executable():
   model = train.build_model(config)
   from clflax.models import multitask  # pylint: disable=g-import-not-at-top
   variables = multitask.init_variables(model, jax.random.PRNGKey(0), _SIZE)
-  tx = train.make_tx(config, steps_per_epoch=_STEPS)
-  state = train.initial_state(config, variables, tx)
+  tx = optim.make_tx(config, steps_per_epoch=_STEPS)
+  state = optim.initial_state(config, variables, tx)
   step = steps.jit_train_step(model, tx, 'cls', (), config)
   data = fake_arrays('cls', _BATCH, 0, _SIZE)
   data['valid'] = np.ones(_BATCH, bool)

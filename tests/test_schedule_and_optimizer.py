@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from clflax import train
+from clflax import optim
 from configs import default
 
 
@@ -19,7 +19,7 @@ def _optax_sgdr(peak, period, warmup, restarts=8):
 
 @pytest.mark.parametrize('period,warmup', [(10, 0), (10, 3), (7, 6), (1, 0), (12, 40)])
 def test_sgdr_matches_joined_optax_schedules(period, warmup):
-  ours = train.sgdr_schedule(0.1, period, warmup)
+  ours = optim.sgdr_schedule(0.1, period, warmup)
   reference = _optax_sgdr(0.1, period, min(warmup, period - 1))
   for step in range(6 * period + 3):
     np.testing.assert_allclose(float(ours(step)), float(reference(step)), rtol=1e-5, atol=1e-8, err_msg=str(step))
@@ -32,7 +32,7 @@ def test_flattened_base_optimizer_equals_leafwise_optax(optimizer):
   config.strategy.names = ('naive',)
   config.train.optimizer, config.train.clip_norm, config.train.momentum = optimizer, 0.5, 0.9
   config.train.weight_decay, config.train.constant_learning_rate = 0.01, True
-  tx = train.make_tx(config, steps_per_epoch=5)
+  tx = optim.make_tx(config, steps_per_epoch=5)
   lr = config.train.learning_rate
   if optimizer == 'adamw':
     base = optax.adamw(lr, weight_decay=0.01)
@@ -60,7 +60,7 @@ def test_backbone_learning_rate_scale():
   config.train.backbone_lr_scale = 0.1
   params = {'backbone': {'w': jnp.ones((2, 3))}, 'cls_head': {'w': jnp.ones(4)}}
   grads = {'backbone': {'w': jnp.full((2, 3), 2.0)}, 'cls_head': {'w': jnp.full(4, 2.0)}}
-  tx = train.make_tx(config, steps_per_epoch=5)
+  tx = optim.make_tx(config, steps_per_epoch=5)
   updates, _ = tx.update(grads, tx.init(params), params)
   lr = config.train.learning_rate  # Plain SGD: update = -rate * gradient, in closed form.
   np.testing.assert_allclose(updates['backbone']['w'], -0.1 * lr * 2.0, rtol=1e-6)

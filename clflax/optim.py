@@ -1,0 +1,98 @@
+"""The optimizer of a stage: the strategies' optax transforms chained before clipping and the base optimizer (warm-up,
+SGDR cosine restarts), and the train state that carries both."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from clflax import steps
+from clflax.strategies import ewc
+from clflax.strategies import l2
+from clflax.strategies import mas
+from clflax.strategies import packnet
+from clflax.strategies import registry
+from clflax.strategies import si
+from clflax.strategies import tagem
+
+
+def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> optax.GradientTransformation:
+  """Clipping + the base optimizer: warm-up, then cosine warm restarts every `period_steps` (or a constant rate).
+
+  With `train.flatten_optimizer`, clipping and the base optimizer run on all parameters raveled into one vector
+  (`optax.flatten`): the same arithmetic as leaf by leaf, but a few dozen ops instead of tens per leaf, which halves
+  the step's compile time and keeps the optimizer state two arrays instead of hundreds in every checkpoint; the
+  ravel costs ~15 ms per step for 4M parameters on CPU (under 1% of a vision step, but 25x the MNIST MLP's step, so
+  the classic configs turn it off). `train.backbone_lr_scale` < 1 gives the (pretrained) backbone its own, lower
+  learning rate.
+  """
+  train = config.train
+
+  def optimizer(scale):
+    peak = train.learning_rate * scale
+    if train.constant_learning_rate:
+      schedule = peak
+    else:
+      schedule = sgdr_schedule(peak, max(1, period_steps), train.warmup_steps)
+    if train.optimizer == 'sgd':
+      tx = optax.chain(optax.add_decayed_weights(train.weight_decay),
+                       optax.sgd(schedule, momentum=train.momentum or None))
+    elif train.optimizer == 'adam':
+      tx = optax.adam(schedule)
+    else:
+      tx = optax.adamw(schedule, weight_decay=train.weight_decay)
+    return tx
+
+  flat = optax.flatten if train.flatten_optimizer else (lambda tx: tx)
+  clip = [optax.clip_by_global_norm(train.clip_norm)] if train.clip_norm else []  # On the whole gradient.
+  scale = train.get('backbone_lr_scale', 1.0)
+  if scale == 1.0:
+    return flat(optax.chain(*clip, optimizer(1.0)))
+  labels = lambda params: {k: 'backbone' if k == 'backbone' else 'rest' for k in params}  # noqa: E731
+  return optax.chain(*clip, optax.multi_transform(  # Pretrained features move slower than the new neck and heads.
+      {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
+
+
+def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None
+            ) -> optax.GradientTransformation:
+  """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`).
+  `example_batch` (a training batch) shapes the memory of strategies that keep one in their optax state (tagem)."""
+  example = None if example_batch is None else {k: v[0] for k, v in example_batch.items() if k != 'valid'}
+  return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch),
+                           example=example)
+
+
+def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):
+  """SGDR (Loshchilov & Hutter): cosine annealing from `peak` to `final_fraction * peak`, restarted every `period`
+  steps; the first period starts with a linear warm-up from 0 over `warmup` steps. One closed form (a join of
+  per-period optax schedules compiled to thousands of ops)."""
+  warmup = min(warmup, period - 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    first = step < period
+    start = jnp.where(first, warmup, 0)  # Where the cosine of this period begins.
+    length = jnp.where(first, period - warmup, period)
+    t = jnp.clip(jnp.where(first, step, jnp.mod(step, period)) - start, 0, length)
+    cosine = peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(jnp.pi * t / length)))
+    ramp = peak * step / max(warmup, 1)
+    return jnp.where(first & (step < warmup), ramp, cosine)
+
+  return schedule
+
+
+def fresh_optimizer_state(tx, params, old_opt_state=None):
+  """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
+  opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
+  if old_opt_state is not None:
+    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState,
+                       packnet.PackNetState):
+      old = registry.find_state(old_opt_state, state_type)
+      if old is not None:
+        opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)
+  return opt_state
+
+
+def initial_state(config, variables, tx) -> steps.TrainState:
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+  params, batch_stats = variables['params'], variables['batch_stats']
+  return steps.TrainState(jnp.zeros((), jnp.int32), params, batch_stats, jax.jit(tx.init)(params), rng)
