@@ -251,7 +251,8 @@ def _progression(results, v: _View) -> list:
     out += [f"Columns: {v.headline} (%) of each task.", ""]
   rows = []
   for i in range(t):
-    cells = [_fmt(v.r[i, j]) if j <= i else _fmt(0.0) for j in range(t)]  # not yet learned -> 0
+    # A task not learned yet shows "—", not its untrained score (chance level, or 0 where the seed printed 0).
+    cells = [_fmt(v.r[i, j]) if j <= i else "—" for j in range(t)]
     dropped = [f"{v.stages[j]} {_fmt(v.r[i, j] - v.r[j, j], signed=True)}" for j in range(i)
                if v.r[i, j] < v.r[j, j] - v.tol]  # False for NaN
     rows.append([v.titles[i]] + cells

@@ -120,9 +120,9 @@ def test_summary_progression_table():
   text = report.render_summary(_results())
   header = _row(text, "Stage")
   assert header == ["mIoU (%)", "mAP (%)", "Top-1 (%)", "Status"]
-  # After each stage: learned tasks show their score, tasks not yet learned show 0.
-  assert _row(text, "Stage 1: VOC segmentation")[:3] == ["60.0", "0.0", "0.0"]
-  assert _row(text, "Stage 2: COCO detection")[:3] == ["57.5", "20.0", "0.0"]
+  # After each stage: learned tasks show their score, tasks not yet learned a dash.
+  assert _row(text, "Stage 1: VOC segmentation")[:3] == ["60.0", "—", "—"]
+  assert _row(text, "Stage 2: COCO detection")[:3] == ["57.5", "20.0", "—"]
   stage3 = _row(text, "Stage 3: Imagenette classification")
   assert stage3[:3] == ["50.0", "17.0", "80.0"]
   assert "seg −10.0" in stage3[3]  # 50 < 60 - 5: flagged; det (17 >= 15) is not
@@ -174,7 +174,7 @@ def test_summary_with_17_tasks_and_acc():
   text = report.render_summary(d)
   assert _row(text, "Stage")[:2] == ["perm0 (%)", "perm1 (%)"]  # one metric for all: columns named by task
   assert _row(text, "Stage 17: perm16")[16] == f"{matrix[16, 16]:.1f}"
-  assert _row(text, "Stage 2: perm1")[2] == "0.0"
+  assert _row(text, "Stage 2: perm1")[2] == "—"  # perm2 not learned yet
   assert _row(text, "Accuracy (%)") == ["90.0", "−1.0", "n/a", "2.0"]
 
 
