@@ -38,11 +38,17 @@ def flatten(config: ml_collections.ConfigDict | dict) -> dict:
 def config_diff(saved: dict, current: dict) -> list[str]:
   """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only).
 
-  A key in ADDED_FIELDS that the saved config lacks counts as saved with its behaviour-preserving value.
+  A key in ADDED_FIELDS that the saved config lacks counts as saved with its behaviour-preserving value; the
+  settings of a strategy active in neither config (`strategy.<name>.*`, e.g. a section added by newer code) do not
+  count: they change nothing the run does.
   """
   missing = object()
   lines = []
+  active = set(saved.get('strategy.names') or ()) | set(current.get('strategy.names') or ())
   for key in sorted(set(saved) | set(current)):
+    parts = key.split('.')
+    if len(parts) > 2 and parts[0] == 'strategy' and parts[1] not in active:
+      continue
     old, new = saved.get(key, ADDED_FIELDS.get(key, missing)), current.get(key, missing)
     if old != new:
       show = lambda v: '(absent)' if v is missing else repr(v)  # noqa: E731

@@ -66,3 +66,13 @@ def test_a_field_added_by_newer_code_resumes_only_at_its_old_behaviour(tmp_path)
   config.train.some_new_knob = 1.0  # Not a known added field: still a difference.
   with pytest.raises(ValueError, match=r'train.some_new_knob: \(absent\) -> 1.0'):
     workdirs.prepare(str(tmp_path), config)
+
+
+def test_settings_of_inactive_strategies_do_not_count(tmp_path):
+  workdirs.prepare(str(tmp_path), _config())  # names ('agem',).
+  config = _config()
+  config.strategy.tagem = ml_collections.ConfigDict(dict(pools=10))  # A section newer code added; tagem is off.
+  assert workdirs.prepare(str(tmp_path), config) == str(tmp_path)
+  config.strategy.names = ('agem', 'tagem')  # Now it is on: a different run.
+  with pytest.raises(ValueError, match='strategy.names'):
+    workdirs.prepare(str(tmp_path), config)
