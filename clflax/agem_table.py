@@ -18,7 +18,8 @@ import numpy as np
 PUBLISHED = {'vanilla': (47.95, 0.51), 'ewc': (68.35, 0.29), 'ewc_running': (68.35, 0.29), 'mas': (69.85, 0.27),
              'si': (None, None), 'agem': (89.12, 0.07), 'replay': (None, None), 'agem+replay': (None, None),
              'joint': (95.4, None), 'gem': (90.30, 0.06)}
-DEFAULT_STRATEGIES = ('vanilla', 'ewc', 'ewc_running', 'mas', 'si', 'agem', 'replay', 'agem+replay', 'joint')
+DEFAULT_STRATEGIES = ('vanilla', 'ewc', 'ewc_running', 'mas', 'si', 'agem', 'replay', 'agem+replay', 'replay+der',
+                      'joint')
 
 
 def scores(results: dict) -> tuple[float, float]:
