@@ -2,10 +2,10 @@ r"""Multi-task upper bound (not continual): every stage's step also trains the o
 whole training sets (un-augmented), so all three tasks are learned together and nothing can be forgotten. The
 sequential strategies' scores are judged against this one.
 
-Each step costs about three plain steps (one batch per head). Command (bundled sample data, CPU; full mini sets: add
---config.data_dir=../shared/data; the whole 224 px run on CPU takes roughly three times naive's time):
+Each step runs all three heads (one batch each), so a stage costs about three naive stages; the full-set run has not
+been timed yet. Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
   python launch.py --config configs/joint.py --workdir runs/joint
-Smoke preset (tiny model, a few steps; about a minute on CPU):
+Smoke preset (tiny model, a few steps; ~2 min on 2 busy CPU cores):
   python launch.py --config configs/joint.py:smoke --workdir runs/joint_smoke
 """
 from configs import default
