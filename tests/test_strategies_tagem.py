@@ -142,6 +142,11 @@ def test_sample_draws_stored_examples_with_their_pools():
   valid_ids = set(np.asarray(memory.data['id']).reshape(-1)[
       np.asarray(tagem.valid_slots(memory))].tolist())
   assert set(np.asarray(batch['id']).tolist()) <= valid_ids
+  # ...and uniformly over them: 200 draws per stored example, counts within 4 binomial standard deviations.
+  draws = np.asarray(jax.jit(tagem.sample, static_argnums=2)(memory, jax.random.key(2), 200 * stored)[0]['id'])
+  counts = np.array([np.sum(draws == i) for i in sorted(valid_ids)])
+  assert counts.sum() == 200 * stored
+  assert np.all(np.abs(counts - 200) < 4 * np.sqrt(200 * (1 - 1 / stored))), counts
 
 
 def test_bad_inputs_raise():

@@ -212,9 +212,10 @@ def sample(memory: ClusterMemory, key: jax.Array, n: int) -> PyTree:
   _, without = jax.lax.top_k(scores, min(n, slots))
   if n > slots:
     without = jnp.concatenate([without, jnp.zeros((n - slots,), jnp.int32)])
-  with_ = jax.random.categorical(k_with, jnp.where(valid, 0.0, -jnp.inf),
-                                 shape=(n,))
   total = jnp.sum(valid.astype(jnp.int32))
+  # Uniform over the valid slots by index (not jax.random.categorical: n x slots Gumbel draws every step).
+  filled = jnp.flatnonzero(valid, size=slots, fill_value=0)
+  with_ = filled[jax.random.randint(k_with, (n,), 0, jnp.maximum(total, 1))]
   idx = jnp.where(n <= total, without, with_)
   idx = jnp.where(total > 0, idx, 0)
   flat = jax.tree.map(lambda d: d.reshape((slots,) + d.shape[3:]), memory.data)
