@@ -30,7 +30,8 @@ def needs_memory(config: ml_collections.ConfigDict) -> bool:
 
 def memory_size(config: ml_collections.ConfigDict) -> int:
   """Examples kept per task: the larger of the memory-based strategies' settings."""
-  sizes = [config.strategy[name].memory_per_task for name in registry.MEMORY_STRATEGIES if name in config.strategy.names]
+  names = config.strategy.names
+  sizes = [config.strategy[name].memory_per_task for name in registry.MEMORY_STRATEGIES if name in names]
   return max(sizes) if sizes else config.strategy.replay.memory_per_task
 
 

@@ -1,4 +1,5 @@
-"""GEM, DER++, TA-A-GEM, PackNet and MER through the trainer: registry, steps against plain-JAX references, smoke runs."""
+"""GEM, DER++, TA-A-GEM, PackNet, MER and Progressive Networks through the trainer: registry, steps against plain-JAX
+references, smoke runs."""
 import functools
 import itertools
 import json
