@@ -52,13 +52,14 @@ def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> opta
       {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
 
 
-def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None
-            ) -> optax.GradientTransformation:
+def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None,
+            stage: int | None = None) -> optax.GradientTransformation:
   """The strategies' transforms chained before the base optimizer (restarts every `train.restart_epochs`).
-  `example_batch` (a training batch) shapes the memory of strategies that keep one in their optax state (tagem)."""
+  `example_batch` (a training batch) shapes the memory of strategies that keep one in their optax state (tagem);
+  `stage` is the index of the stage this chain trains (progressive: the one column it updates)."""
   example = None if example_batch is None else {k: v[0] for k, v in example_batch.items() if k != 'valid'}
   return registry.build_tx(config.strategy, base_optimizer(config, config.train.restart_epochs * steps_per_epoch),
-                           example=example)
+                           example=example, stage=stage)
 
 
 def sgdr_schedule(peak: float, period: int, warmup: int, final_fraction: float = 0.01):

@@ -26,7 +26,6 @@ from clflax import steps
 from clflax import tasks
 from clflax import tracking
 from clflax.models import multitask
-from clflax.models import progressive
 from clflax.strategies import packnet
 from clflax.strategies import registry
 
@@ -120,14 +119,14 @@ def _stage_functions(run: Run, k: int, task: str):
   the same shapes and one shared memory, so one compiled epoch serves all stages."""
   config, steps_per_epoch = run.config, run.data.steps_per_epoch[task]
   if run.data.scan is None:
-    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task])
+    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task], stage=k)
     earlier = tuple(t for t in config.tasks if t != task) if config.train.get('joint') else config.tasks[:k]
     return tx, steps.jit_train_step(run.model, tx, task, earlier, config, parallel.replicated(run.mesh),
                                     parallel.batch_sharding(run.mesh))
   # Progressive Networks run a different column, i.e. a different program, per stage.
   key = (task if 'progressive' in config.strategy.names else tasks.kind(task), steps_per_epoch)
   if key not in run.compiled:
-    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task])
+    tx = optim.make_tx(config, steps_per_epoch, run.data.example_batches[task], stage=k)
     run.compiled[key] = tx, steps.jit_scan_epoch(run.model, tx, task, (), config, run.data.scan[1], steps_per_epoch)
   return run.compiled[key]
 
@@ -235,7 +234,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
       variables = multitask.init_variables(model, key, config.model.image_size,
                                            pretrained_path=config.model.pretrained or None)
   counts = multitask.count_params(variables)
-  tx = optim.make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]])
+  tx = optim.make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]], stage=0)
   state = optim.initial_state(config, variables, tx)
   teacher = parallel.copy_tree(variables) if 'lwf' in config.strategy.names else {}
   # One memory shared by all tasks for the classic benchmarks (same head, same example shapes), else one per task.
@@ -282,9 +281,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       opt_state = optim.fresh_optimizer_state(tx, state.params, state.opt_state)
       if 'packnet' in config.strategy.names:  # Stage k owns every weight no earlier stage kept.
         opt_state = registry.replace_state(opt_state, packnet.PackNetState, lambda s: packnet.start_task(s, k))
-      if 'progressive' in config.strategy.names:  # Only stage k's column trains.
-        opt_state = registry.replace_state(opt_state, progressive.ColumnState,
-                                           lambda s: s._replace(column=jnp.asarray(k, jnp.int32)))
       tree['state'] = parallel.copy_tree(parallel.replicate(run.mesh, state._replace(opt_state=opt_state)))
     tree = run_stage(k, run, tree, progress)
     if 'packnet' in config.strategy.names:  # No checkpoint until the stage snapshot: a resume prunes only once.

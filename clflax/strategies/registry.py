@@ -193,13 +193,13 @@ def validate(strategy_cfg) -> tuple:
 
 
 def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
-             clip_norm: Optional[float] = None, example: Any = None
-             ) -> optax.GradientTransformationExtraArgs:
+             clip_norm: Optional[float] = None, example: Any = None,
+             stage: Optional[int] = None) -> optax.GradientTransformationExtraArgs:
   """optax.chain(si, ewc, mas, l2, agem | tagem, gem, clip, base_tx, packnet) for the active names.
 
   The result accepts `ref_grads=` (A-GEM, TA-A-GEM), `memory_batch=` (TA-A-GEM) and `task_grads=`, `task_valid=`
   (GEM) in update whether or not those strategies are active. `example` (one training example without batch axis)
-  shapes TA-A-GEM's memory.
+  shapes TA-A-GEM's memory; `stage` (the index of the stage the chain trains) is the column progressive trains.
   """
   names = validate(strategy_cfg)
   cfg = strategy_cfg  # ConfigDict or plain nested dict: item access only.
@@ -231,8 +231,10 @@ def build_tx(strategy_cfg, base_tx: optax.GradientTransformation,
   parts.append(base_tx)
   if 'packnet' in names:  # Last: momentum or weight decay must not move a frozen weight either.
     parts.append(packnet_lib.packnet())
-  if 'progressive' in names:  # Likewise last.
-    parts.append(progressive_lib.train_column_only())
+  if 'progressive' in names:  # Likewise last; a static column, so a step costs one column (one tx per stage).
+    if stage is None:
+      raise ValueError('progressive needs build_tx(..., stage=the stage index): it trains that column only')
+    parts.append(progressive_lib.train_column_only(stage))
   return optax.chain(*parts)
 
 
