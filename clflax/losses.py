@@ -170,3 +170,18 @@ def centernet_loss(det_out: Mapping[str, Array], targets: Mapping[str, Array], s
   size, offset = l1("size"), l1("offset")
   total = heat + size_weight * size + offset_weight * offset
   return total, {"heatmap": heat, "size": size, "offset": offset}
+
+
+def present_classes(classes: Array, box_valid: Array, num_classes: int) -> Array:
+  """[B, M] box classes + [B, M] validity -> [B, num_classes] float multi-hot of the classes each image holds."""
+  onehot = jax.nn.one_hot(jnp.asarray(classes, jnp.int32), num_classes, dtype=jnp.float32)
+  return jnp.max(onehot * jnp.asarray(box_valid, jnp.float32)[..., None], axis=1)
+
+
+def image_label_loss(logits: Array, classes: Array, box_valid: Array, weights: Optional[Array] = None) -> Array:
+  """Multi-label sigmoid cross-entropy of image-level class logits [B, C] against the classes of each image's
+  valid boxes: mean over classes, then over examples with nonzero weight."""
+  logits = jnp.asarray(logits, jnp.float32)
+  target = present_classes(classes, box_valid, logits.shape[-1])
+  per_class = jnp.maximum(logits, 0) - logits * target + jnp.log1p(jnp.exp(-jnp.abs(logits)))  # stable BCE
+  return _safe_mean(jnp.mean(per_class, axis=-1), _broadcast_weights(weights, logits.shape[:1]))

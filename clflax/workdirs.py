@@ -16,6 +16,8 @@ ADDED_FIELDS = {
     'strategy.si.max_stiffness': 0.0,  # SI's penalty uncapped.
     'train.joint': False,  # Continual stages.
     'model.frozen_bn': False,  # Batch norm in training mode.
+    'model.det_image_head': False,  # Image-level scores from the heatmap.
+    'train.image_label_weight': 1.0,  # (Read only with the image-level branch.)
 }
 
 

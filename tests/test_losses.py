@@ -178,3 +178,21 @@ def test_centernet_loss_names_missing_keys():
   with pytest.raises(ValueError, match="index"):
     losses.centernet_loss({"heatmap": 0, "size": 0, "offset": 0}, {"heatmap": 0, "size": 0, "offset": 0,
                                                                     "valid": 0})
+
+
+def test_image_label_loss_against_a_per_class_loop():
+  rng = np.random.default_rng(5)
+  logits = (rng.normal(size=(3, 4)) * 30).astype(np.float32)  # Saturated logits too.
+  classes = np.array([[1, 1, 3], [0, 2, 2], [3, 0, 0]], np.int32)
+  box_valid = np.array([[True, True, False], [True, False, True], [False, False, False]])
+  weights = np.array([1.0, 1.0, 0.0])
+  expected = []
+  for i in range(2):  # Image 2 weighs nothing.
+    present = {int(c) for c, v in zip(classes[i], box_valid[i]) if v}  # image 0: {1}; image 1: {0, 2}
+    # -log sigmoid(z) = log(1 + e^-z) for a present class, -log(1 - sigmoid(z)) = log(1 + e^z) for an absent one.
+    terms = [np.logaddexp(0.0, -z if c in present else z) for c, z in enumerate(logits[i].astype(np.float64))]
+    expected.append(np.mean(terms))
+  got = jax.jit(losses.image_label_loss)(logits, classes, box_valid, weights)
+  np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
+  np.testing.assert_array_equal(losses.present_classes(classes, box_valid, 4),
+                                [[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])

@@ -122,6 +122,9 @@ def test_decode_keeps_local_maxima_only_and_image_scores():
   np.testing.assert_array_equal(np.asarray(out['classes'][0, :3]), [1, 2, 0])
   np.testing.assert_allclose(np.asarray(out['boxes'][0, 0]), np.array([1.5, 1.5, 3.5, 3.5]) * 8)
   np.testing.assert_allclose(np.asarray(H.image_level_scores(det)), sig(heat.max(axis=(1, 2))), rtol=1e-6)
+  image = np.array([[2.0, -1.0, 0.0]], np.float32)  # With the image-level branch its logits decide.
+  np.testing.assert_allclose(np.asarray(H.image_level_scores(dict(det, image=jnp.asarray(image)))), sig(image),
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize('method', ['bilinear', 'nearest'])

@@ -100,3 +100,7 @@ def test_parameter_budget(backbone, backbone_params):
   assert counts['cls_head'] == 1280 * 10 + 10
   assert counts['total'] == sum(counts[p] for p in PARTS)
   assert counts['total'] <= 8_000_000
+  with_image = M.count_params(jax.eval_shape(lambda: M.MultiTaskNet(backbone, det_image_head=True).init(
+      {'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 64, 64, 3)), task='cls')))
+  assert with_image['det_head'] == counts['det_head'] + 1280 * 80 + 80  # Dense on the 1280 top features.
+  assert with_image['total'] <= 8_000_000

@@ -33,6 +33,7 @@ class MultiTaskNet(nn.Module):
   max_detections: int = 100
   drop_connect_rate: float = 0.2
   frozen_bn: bool = False  # The backbone's batch norm on its running statistics, also in training.
+  det_image_head: bool = False  # The det head's image-level multi-label branch (see heads.DetHead).
 
   @nn.compact
   def __call__(self, images, task: str = 'cls', train: bool = False):
@@ -53,7 +54,8 @@ class MultiTaskNet(nn.Module):
         out['seg'] = heads_lib.SegHead(self.num_seg_classes, self.neck_channels, self.depthwise,
                                        name='seg_head')(pyramid, feats[4], images.shape[1:3])
       if task in ('det', 'detect') or every:
-        out['det'] = heads_lib.DetHead(self.num_det_classes, self.neck_channels, name='det_head')(pyramid[8])
+        out['det'] = heads_lib.DetHead(self.num_det_classes, self.neck_channels, self.det_image_head,
+                                       name='det_head')(pyramid[8], feats[32])
     if task == 'detect':
       det = out['det']
       return {**heads_lib.decode_detections(det, self.max_detections),
