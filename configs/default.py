@@ -41,8 +41,12 @@ def get_config(arg=None):
   config.model.neck_channels = 64  # Width of the FPN neck shared by the heads.
   config.model.depthwise = 'auto'  # Depthwise conv: 'shifted' (fast on CPU), 'xla' (GPU/TPU), 'auto' per backend.
   config.model.dropout = 0.2  # Dropout before the classification layer.
-  config.model.frozen_bn = False  # Backbone batch norm on its (pretrained) running statistics in training too.
+  # Backbone batch norm on its (pretrained) running statistics in training too: batches of 8 neither overwrite the
+  # ImageNet statistics nor one task's images the statistics earlier tasks rely on (seg alone: 30.7 mIoU vs 8.7).
+  config.model.frozen_bn = True
   config.model.max_detections = 100  # Boxes decoded per image for detection mAP.
+  # The det head's image-level multi-label branch (which classes an image holds): the image-level mAP's scores.
+  config.model.det_image_head = True
   config.model.hidden = (256, 256)  # Hidden widths of the MLP (backbone='mlp', classic benchmarks only).
   config.model.init = 'default'  # MLP init: 'default' or 'agem_paper' (classic benchmarks only).
 
@@ -56,7 +60,7 @@ def get_config(arg=None):
   config.train.momentum = 0.9  # SGD momentum (0 = plain SGD).
   config.train.constant_learning_rate = False  # True: no warm-up or cosine restarts (the classic protocols).
   config.train.learning_rate = 1e-3  # Peak learning rate of each stage.
-  config.train.backbone_lr_scale = 1.0  # Backbone learning rate = this x learning_rate (< 1 keeps pretrained features).
+  config.train.backbone_lr_scale = 0.1  # Backbone learning rate = this x learning_rate (< 1 keeps pretrained features).
   config.train.weight_decay = 1e-4  # Decoupled weight decay (adamw) / L2 (sgd).
   config.train.warmup_steps = 50  # Linear warm-up at the start of every stage.
   config.train.restart_epochs = 4  # Cosine annealing with warm restarts every this many epochs (SGDR).
@@ -67,6 +71,7 @@ def get_config(arg=None):
   config.train.dice_weight = 1.0  # Segmentation loss = CE + dice_weight * dice.
   config.train.size_weight = 0.1  # CenterNet box-size L1 weight.
   config.train.offset_weight = 1.0  # CenterNet centre-offset L1 weight.
+  config.train.image_label_weight = 1.0  # Weight of the det head's image-level multi-label loss.
   # Multiplier of each task's loss (also applies to its memory loss in replay/A-GEM).
   config.train.loss_weights = ml_collections.ConfigDict(dict(seg=1.0, det=1.0, cls=1.0))
   config.train.early_stopping_patience = 4  # Epochs without validation improvement before a stage stops.
@@ -112,6 +117,8 @@ def apply_smoke(config):
   config.model.image_size = 64
   config.model.neck_channels = 16
   config.model.max_detections = 20
+  config.model.frozen_bn = False  # A random backbone has no statistics worth keeping ...
+  config.train.backbone_lr_scale = 1.0  # ... and everything to learn.
   config.train.batch_size = 4
   config.train.eval_batch_size = 8
   config.train.epochs = ml_collections.ConfigDict(dict(seg=2, det=2, cls=2))

@@ -95,6 +95,7 @@ def get_config(arg='agem'):
   config.model.hidden = (256, 256)  # Hidden widths.
   config.model.init = 'agem_paper'  # Truncated normal std 0.1 weights, 0.1 biases (the authors' init).
   config.model.pretrained = ''  # Trained from scratch, as in the paper.
+  config.model.frozen_bn, config.train.backbone_lr_scale = False, 1.0  # (Vision recipe options; the MLP has neither.)
   config.tasks = tuple(f'task{i + 1}' for i in range(config.classic.skip_tasks, config.classic.num_tasks))
   train = config.train
   train.batch_size, train.eval_batch_size = 10, 1000
