@@ -75,6 +75,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     _require(os.path.isfile(os.path.expanduser(pretrained)), f'config.model.pretrained={pretrained!r}: no such file')
   _require(config.model.image_size >= 32 and config.model.image_size % 32 == 0,
            f'config.model.image_size={config.model.image_size} must be a positive multiple of 32')
+  head_init = config.model.get('cls_head_init', 'random')
+  _require(head_init in ('auto', 'imagenet', 'random'),
+           f"config.model.cls_head_init={head_init!r}; expected 'auto', 'imagenet' or 'random'")
+  _require(head_init != 'imagenet' or classic or config.model.pretrained,
+           "config.model.cls_head_init='imagenet' needs the pretrained backbone (config.model.pretrained)")
   _require(config.model.depthwise in ('auto', 'shifted', 'xla'),
            f"config.model.depthwise={config.model.depthwise!r}; expected 'auto', 'shifted' or 'xla'")
   train = config.train

@@ -24,6 +24,8 @@ class Data(NamedTuple):
   # Optional on-device epochs (classic benchmarks): (source pytree, batch_fn(source, task_id, epoch, step) -> batch,
   # task -> task_id). When set, each epoch runs as one compiled lax.scan instead of a Python loop over steps.
   scan: Any = None
+  # task -> the dataset's own class identifiers in label order (Imagenette: WordNet ids), where the source has them.
+  class_ids: Any = None
 
 
 class _ArrayEpochs:

@@ -26,6 +26,7 @@ from clflax import steps
 from clflax import tasks
 from clflax import tracking
 from clflax.models import multitask
+from clflax.models import pretrained
 from clflax.strategies import packnet
 from clflax.strategies import registry
 
@@ -232,7 +233,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
       variables = dict(model.init(key, jnp.asarray(example['image'][:1]), **heads), batch_stats={})
     else:
       variables = multitask.init_variables(model, key, config.model.image_size,
-                                           pretrained_path=config.model.pretrained or None)
+                                           pretrained_path=config.model.pretrained or None,
+                                           cls_wnids=imagenet_head_classes(config, data))
   counts = multitask.count_params(variables)
   tx = optim.make_tx(config, data.steps_per_epoch[config.tasks[0]], data.example_batches[config.tasks[0]], stage=0)
   state = optim.initial_state(config, variables, tx)
@@ -251,6 +253,21 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, dic
   run = Run(config, workdir, model, data, writer, mesh, eval_steps, int(counts['total']), counts,
             lambda: final['variables'], {})
   return run, tree, final
+
+
+def imagenet_head_classes(config: ml_collections.ConfigDict, data: inputs.Data):
+  """The classification classes' WordNet ids when the cls head starts from the ImageNet classifier, else None."""
+  mode = config.model.get('cls_head_init', 'random')
+  ids = (data.class_ids or {}).get('cls', ())
+  known = set(pretrained.imagenet_wnids()) if mode != 'random' and config.model.pretrained else set()
+  usable = bool(ids) and set(ids) <= known
+  if mode == 'imagenet' and 'cls' in config.tasks and not usable:
+    raise ValueError(f"config.model.cls_head_init='imagenet': the classification classes {list(ids)[:3]} are not "
+                     "ImageNet WordNet ids (use 'random' or 'auto')")
+  if mode == 'random' or not usable:
+    return None
+  logging.info('cls head: the ImageNet classifier rows of its %d classes (model.cls_head_init=%s)', len(ids), mode)
+  return ids
 
 
 def run_is_classic(config: ml_collections.ConfigDict) -> bool:

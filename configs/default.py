@@ -41,6 +41,9 @@ def get_config(arg=None):
   config.model.neck_channels = 64  # Width of the FPN neck shared by the heads.
   config.model.depthwise = 'auto'  # Depthwise conv: 'shifted' (fast on CPU), 'xla' (GPU/TPU), 'auto' per backend.
   config.model.dropout = 0.2  # Dropout before the classification layer.
+  # Classification head init: 'imagenet' = the pretrained ImageNet classifier's rows of the classes (they must be
+  # ImageNet WordNet ids, as Imagenette's are), 'random', or 'auto' (imagenet when the classes allow it).
+  config.model.cls_head_init = 'auto'
   # Backbone batch norm on its (pretrained) running statistics in training too: batches of 8 neither overwrite the
   # ImageNet statistics nor one task's images the statistics earlier tasks rely on (seg alone: 30.7 mIoU vs 8.7).
   config.model.frozen_bn = True

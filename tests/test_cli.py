@@ -58,6 +58,8 @@ def _break(config, path, value):
     ('model.image_size', 100, 'multiple of 32'),
     ('data_dir', '/no/such/folder', "data_dir='/no/such/folder' is not a directory"),
     ('model.pretrained', '/no/such/weights.pth', 'no such file'),
+    ('model.cls_head_init', 'imagnet', "cls_head_init='imagnet'; expected"),
+    ('model.cls_head_init', 'imagenet', 'needs the pretrained backbone'),  # The smoke model is random.
 ])
 def test_invalid_config_is_one_line_exit_2_before_any_work(path, value, message, tmp_path, capsys):
   config = _break(_smoke(), path, value)

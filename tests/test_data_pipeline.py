@@ -177,3 +177,18 @@ def test_sample_examples_distinct_deterministic_and_class_balanced():
   assert a['image'].shape == (10, 8, 8, 3) and a['valid'].all()
   with pytest.raises(ValueError, match='cannot sample 41'):
     pipeline.sample_examples('cls', source, 41, 0, 8)
+
+
+def test_unaugmented_classification_images_are_centre_cropped():
+  # 80 x 120 image: columns index the x position, so the crop's x range is readable from the pixel values.
+  image = np.broadcast_to((np.arange(120) * 2).astype(np.uint8)[None, :, None], (80, 120, 3)).copy()
+  source = [{'image': image, 'label': 0}]
+  batch = next(iter(pipeline.make_eval_batches('cls', source, image_size=35, batch_size=1)))
+  side = 0.875 * 80  # The central 70 x 70 square: x in [25, 95), y in [5, 75).
+  ref = np.asarray(transforms.open_image(image).resize((35, 35), transforms.Image.BILINEAR,
+                                                       box=(25, 5, 25 + side, 5 + side)))
+  np.testing.assert_allclose(batch['image'][0].astype(float), ref.astype(float), atol=2)
+  assert 45 <= batch['image'][0, 0, 0, 0] <= 60 and 185 <= batch['image'][0, 0, -1, 0] <= 192
+  seg = [{'image': image, 'mask': np.zeros((80, 120), np.uint8)}]  # Masks and boxes: the whole image.
+  whole = next(iter(pipeline.make_eval_batches('seg', seg, image_size=35, batch_size=1)))
+  assert whole['image'][0, 0, 0, 0] < 10 and whole['image'][0, 0, -1, 0] > 225

@@ -251,3 +251,25 @@ def test_pretrained_lite0_classifies_imagenette(shared_data, optimized_compiles)
   # The PyTorch reference on the same preprocessing: 0.77 and 0.99.
   assert top1 >= 0.75, top1
   assert top1_10 >= 0.97, top1_10
+
+
+def test_imagenet_wnids_follow_the_class_indices():
+  wnids = P.imagenet_wnids()
+  assert len(wnids) == 1000 and len(set(wnids)) == 1000
+  assert {w: wnids.index(w) for w in IMAGENETTE} == IMAGENETTE  # The published indices of the ten classes.
+
+
+def test_cls_head_from_imagenet_rows_gives_the_classifier_logits_of_those_classes():
+  wnids = ['n03888257', 'n01440764', 'n03445777']  # Any order: the head's class k is wnids[k].
+  model = multitask.MultiTaskNet('lite0', num_cls_classes=3, neck_channels=8)
+  variables = multitask.init_variables(model, jax.random.PRNGKey(0), 32, pretrained_path='default', cls_wnids=wnids)
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+  got = model.apply(variables, images, task='cls', train=False)
+  classifier, full = P.load_imagenet_classifier('lite0')  # The independent path: the 1000-way model.
+  logits = classifier.apply(full, P.preprocess(images, 'lite0'), train=False)
+  np.testing.assert_allclose(got, np.asarray(logits)[:, [IMAGENETTE[w] for w in wnids]], rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="'n99999999' is not an ImageNet WordNet id"):
+    multitask.init_variables(model, jax.random.PRNGKey(0), 32, pretrained_path='default',
+                             cls_wnids=['n99999999', 'n01440764', 'n03445777'])
+  with pytest.raises(ValueError, match='3-way'):
+    multitask.init_variables(model, jax.random.PRNGKey(0), 32, pretrained_path='default', cls_wnids=wnids[:2])

@@ -26,6 +26,12 @@ def full_crop(height: int, width: int) -> Crop:
   return Crop(0., 0., float(height), float(width))
 
 
+def center_crop(height: int, width: int, fraction: float) -> Crop:
+  """The central square of side `fraction` x the shorter side (ImageNet-style evaluation: 0.875)."""
+  side = fraction * min(height, width)
+  return Crop((height - side) / 2, (width - side) / 2, side, side)
+
+
 def sample_crop(rng: np.random.Generator, height: int, width: int, min_area: float) -> Crop:
   """Random crop with area fraction in [min_area, 1] and aspect ratio in [3/4, 4/3]."""
   for _ in range(10):

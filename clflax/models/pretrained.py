@@ -267,6 +267,29 @@ def backbone_variables(variant: str = 'lite0', path=None, depthwise: str = 'auto
   return convert_state_dict(read_torch_file(path), model, source=path)
 
 
+def imagenet_wnids() -> list[str]:
+  """The WordNet ids of the 1,000 ImageNet classes in class-index order (sorted ids; the list TFDS ships)."""
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  text = importlib.resources.files('tensorflow_datasets.datasets.imagenet2012').joinpath('labels.txt').read_text()
+  return text.split()
+
+
+def classifier_rows(wnids, variant: str = 'lite0', path=None) -> dict[str, np.ndarray]:
+  """{'kernel' [features, n], 'bias' [n]} of the ImageNet classifier for the classes `wnids` (in that order): a
+  classification head that starts as the pretrained model restricted to those classes."""
+  index = {w: i for i, w in enumerate(imagenet_wnids())}
+  unknown = [w for w in wnids if w not in index]
+  if unknown:
+    raise ValueError(f'class {unknown[0]!r} is not an ImageNet WordNet id: its classifier row does not exist '
+                     "(use config.model.cls_head_init='random')")
+  path = default_weights_path(variant) if path is None else os.fspath(path)
+  state = read_torch_file(path)
+  if '_fc.weight' not in state:
+    raise ValueError(f'{path} holds no ImageNet classifier (_fc.weight)')
+  rows = [index[w] for w in wnids]
+  return {'kernel': np.asarray(state['_fc.weight'])[rows].T, 'bias': np.asarray(state['_fc.bias'])[rows]}
+
+
 def preprocess(images, variant: str = 'lite0') -> jax.Array:
   """uint8 [B, H, W, 3] RGB -> the float input the variant's weights expect."""
   images = jnp.asarray(images)
