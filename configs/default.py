@@ -57,7 +57,8 @@ def get_config(arg=None):
   config.train.batch_size = 8  # Global batch (split over all devices).
   config.train.eval_batch_size = 16  # Global eval batch.
   # Epochs per stage, in config.tasks order.
-  config.train.epochs = ml_collections.ConfigDict(dict(seg=12, det=12, cls=6))
+  # (seg alone at 224 px: 30.7 mIoU after 12 epochs, 43.1 after 20; det's image-level mAP peaks around epoch 12.)
+  config.train.epochs = ml_collections.ConfigDict(dict(seg=20, det=12, cls=6))
   config.train.steps_per_epoch = 0  # 0 = one pass over the training set; >0 caps it (smoke runs).
   config.train.optimizer = 'adamw'  # Base optimizer: 'adamw', 'adam' or 'sgd'.
   config.train.momentum = 0.9  # SGD momentum (0 = plain SGD).
