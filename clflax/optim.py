@@ -6,13 +6,7 @@ import ml_collections
 import optax
 
 from clflax import steps
-from clflax.strategies import ewc
-from clflax.strategies import l2
-from clflax.strategies import mas
-from clflax.strategies import packnet
 from clflax.strategies import registry
-from clflax.strategies import si
-from clflax.strategies import tagem
 
 
 def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> optax.GradientTransformation:
@@ -85,8 +79,7 @@ def fresh_optimizer_state(tx, params, old_opt_state=None):
   """A new base-optimizer state for a new stage that keeps every strategy's consolidated state."""
   opt_state = jax.jit(tx.init)(params)  # One compiled call, not one per leaf shape.
   if old_opt_state is not None:
-    for state_type in (ewc.EwcState, ewc.RunningFisherState, mas.MasState, si.SiState, l2.L2State, tagem.TagemState,
-                       packnet.PackNetState):
+    for state_type in registry.CONSOLIDATED_STATES:
       old = registry.find_state(old_opt_state, state_type)
       if old is not None:
         opt_state = registry.replace_state(opt_state, state_type, lambda _, old=old: old)

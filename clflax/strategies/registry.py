@@ -33,6 +33,9 @@ KNOWN = ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si', 'mas', 'l2', 'gem', 'der
          'progressive')
 MEMORY_STRATEGIES = ('agem', 'replay', 'gem', 'der', 'mer')  # Keep an episodic memory of each task (`memory_per_task`).
 FISHER_MODES = ('exact', 'running')
+# Strategy states that carry what earlier stages consolidated; a new stage's fresh optimizer state keeps them.
+CONSOLIDATED_STATES = (ewc_lib.EwcState, ewc_lib.RunningFisherState, mas_lib.MasState, si_lib.SiState,
+                       l2_lib.L2State, tagem_lib.TagemState, packnet_lib.PackNetState)
 
 S = TypeVar('S')
 
