@@ -1,5 +1,7 @@
 """The optimizer of a stage: the strategies' optax transforms chained before clipping and the base optimizer (warm-up,
 SGDR cosine restarts), and the train state that carries both."""
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,8 +44,17 @@ def base_optimizer(config: ml_collections.ConfigDict, period_steps: int) -> opta
   if scale == 1.0:
     return flat(optax.chain(*clip, optimizer(1.0)))
   labels = lambda params: {k: 'backbone' if k == 'backbone' else 'rest' for k in params}  # noqa: E731
-  return optax.chain(*clip, optax.multi_transform(  # Pretrained features move slower than the new neck and heads.
+  split = optax.chain(*clip, optax.multi_transform(  # Pretrained features move slower than the new neck and heads.
       {'backbone': flat(optimizer(scale)), 'rest': flat(optimizer(1.0))}, labels))
+  return _if_backbone(split, flat(optax.chain(*clip, optimizer(1.0))))
+
+
+def _if_backbone(split: optax.GradientTransformation, whole: optax.GradientTransformation):
+  """`split` for parameter trees with a 'backbone' sub-tree, else `whole` (a model without a backbone, e.g. the
+  MLP, would leave the backbone group empty). The choice is structural, so it is fixed at trace time."""
+  pick = lambda tree: split if isinstance(tree, Mapping) and 'backbone' in tree else whole  # noqa: E731
+  return optax.GradientTransformation(lambda params: pick(params).init(params),
+                                      lambda updates, state, params=None: pick(updates).update(updates, state, params))
 
 
 def make_tx(config: ml_collections.ConfigDict, steps_per_epoch: int, example_batch: dict | None = None,

@@ -28,7 +28,7 @@ def test_sgdr_matches_joined_optax_schedules(period, warmup):
 
 @pytest.mark.parametrize('optimizer', ['adamw', 'sgd'])
 def test_flattened_base_optimizer_equals_leafwise_optax(optimizer):
-  config = default.get_config()
+  config = default.get_config()  # Its backbone_lr_scale (0.1) does not apply: these params have no backbone.
   config.strategy.names = ('naive',)
   config.train.optimizer, config.train.clip_norm, config.train.momentum = optimizer, 0.5, 0.9
   config.train.weight_decay, config.train.constant_learning_rate = 0.01, True
