@@ -55,7 +55,8 @@ def build_model(config: ml_collections.ConfigDict):
   return multitask.MultiTaskNet(
       backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES, neck_channels=config.model.neck_channels,
       depthwise=config.model.depthwise, dropout=config.model.dropout, max_detections=config.model.max_detections,
-      frozen_bn=config.model.get('frozen_bn', False), det_image_head=config.model.get('det_image_head', False))
+      frozen_bn=config.model.get('frozen_bn', False), det_image_head=config.model.get('det_image_head', False),
+      shared_neck=config.model.get('shared_neck', True))
 
 
 def _log_progress(stage_label, epoch, epochs, done, total, start_time, last, writer, global_step):

@@ -19,6 +19,7 @@ ADDED_FIELDS = {
     'model.det_image_head': False,  # Image-level scores from the heatmap.
     'train.image_label_weight': 1.0,  # (Read only with the image-level branch.)
     'model.cls_head_init': 'random',  # A fresh classification head.
+    'model.shared_neck': True,  # One FPN neck for seg and det.
 }
 
 

@@ -104,3 +104,23 @@ def test_parameter_budget(backbone, backbone_params):
       {'params': jax.random.PRNGKey(0)}, jnp.zeros((1, 64, 64, 3)), task='cls')))
   assert with_image['det_head'] == counts['det_head'] + 1280 * 80 + 80  # Dense on the 1280 top features.
   assert with_image['total'] <= 8_000_000
+
+
+def test_per_head_necks_keep_seg_and_det_apart():
+  model = M.MultiTaskNet('tiny', neck_channels=8, shared_neck=False)
+  variables = M.init_variables(model, jax.random.PRNGKey(0), 32)
+  assert set(variables['params']) == {'backbone', 'seg_neck', 'det_neck', 'seg_head', 'det_head', 'cls_head'}
+  images = jnp.asarray(IMAGES[:, :32, :32])
+
+  @jax.jit
+  def check(v):
+    det_grads = jax.grad(lambda p: jnp.sum(model.apply(dict(v, params=p), images, task='det')['heatmap']))(
+        v['params'])
+    moved = dict(v, params=dict(v['params'], det_neck=jax.tree.map(lambda x: x + 1.0, v['params']['det_neck'])))
+    return det_grads, model.apply(v, images, task='seg'), model.apply(moved, images, task='seg')
+
+  det_grads, seg, seg_after_det_neck_moved = check(variables)
+  for part in ('seg_neck', 'seg_head'):  # The det loss does not reach seg's own layers ...
+    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(det_grads[part])), part
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(det_grads['det_neck']))
+  np.testing.assert_array_equal(seg, seg_after_det_neck_moved)  # ... and det's neck does not reach seg's output.

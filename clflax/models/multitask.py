@@ -34,6 +34,9 @@ class MultiTaskNet(nn.Module):
   drop_connect_rate: float = 0.2
   frozen_bn: bool = False  # The backbone's batch norm on its running statistics, also in training.
   det_image_head: bool = False  # The det head's image-level multi-label branch (see heads.DetHead).
+  # One FPN neck for seg and det, or one each ('seg_neck', 'det_neck'): trained in sequence, a shared neck is
+  # rewritten by the later task and the earlier head reads features it was never trained on.
+  shared_neck: bool = True
 
   @nn.compact
   def __call__(self, images, task: str = 'cls', train: bool = False):
@@ -49,13 +52,14 @@ class MultiTaskNet(nn.Module):
     if task == 'cls' or every:
       out['cls'] = heads_lib.ClsHead(self.num_cls_classes, self.dropout, name='cls_head')(feats[32], train)
     if task != 'cls' or every:
-      pyramid = heads_lib.FPN(self.neck_channels, name='neck')(feats)
+      shared = heads_lib.FPN(self.neck_channels, name='neck')(feats) if self.shared_neck else None
+      neck = lambda head: shared or heads_lib.FPN(self.neck_channels, name=f'{head}_neck')(feats)  # noqa: E731
       if task == 'seg' or every:
         out['seg'] = heads_lib.SegHead(self.num_seg_classes, self.neck_channels, self.depthwise,
-                                       name='seg_head')(pyramid, feats[4], images.shape[1:3])
+                                       name='seg_head')(neck('seg'), feats[4], images.shape[1:3])
       if task in ('det', 'detect') or every:
         out['det'] = heads_lib.DetHead(self.num_det_classes, self.neck_channels, self.det_image_head,
-                                       name='det_head')(pyramid[8], feats[32])
+                                       name='det_head')(neck('det')[8], feats[32])
     if task == 'detect':
       det = out['det']
       return {**heads_lib.decode_detections(det, self.max_detections),
@@ -95,7 +99,7 @@ def init_variables(model: MultiTaskNet, key: jax.Array, image_size, pretrained_p
 
 
 def count_params(variables) -> dict[str, int]:
-  """Trainable parameter counts per top-level part (backbone, neck, *_head) and in total."""
+  """Trainable parameter counts per top-level part (backbone, neck or *_neck, *_head) and in total."""
   params = variables.get('params', variables)
   counts = {name: sum(int(x.size) for x in jax.tree_util.tree_leaves(sub)) for name, sub in params.items()}
   counts['total'] = sum(counts.values())
