@@ -106,19 +106,22 @@ def solve_dual(gram: jax.Array, linear: jax.Array,
   return v
 
 
-def _flat_dots(task_grads: PyTree, grads: PyTree):
-  """G G' [T, T] and G g [T] over all leaves, in float32."""
+def _flat_gram(task_grads: PyTree) -> jax.Array:
+  """G G' [T, T] over all leaves, in float32."""
   def gram(a):
     a = a.reshape(a.shape[0], -1).astype(jnp.float32)
     return a @ a.T
+  grams = jax.tree.leaves(jax.tree.map(gram, task_grads))
+  return sum(grams[1:], grams[0])
 
+
+def _flat_dots(task_grads: PyTree, grads: PyTree) -> jax.Array:
+  """G g [T] over all leaves, in float32."""
   def dots(a, g):
     return a.reshape(a.shape[0], -1).astype(jnp.float32) @ jnp.ravel(
         g).astype(jnp.float32)
-
-  grams = jax.tree.leaves(jax.tree.map(gram, task_grads))
   linear = jax.tree.leaves(jax.tree.map(dots, task_grads, grads))
-  return sum(grams[1:], grams[0]), sum(linear[1:], linear[0])
+  return sum(linear[1:], linear[0])
 
 
 def _task_count(grads: PyTree, task_grads: PyTree) -> int:
@@ -171,17 +174,23 @@ def project(grads: PyTree, task_grads: PyTree, margin: float = 0.0,
                            for x in jax.tree.leaves(masked)]))
   top = jnp.where(top > 0, top, 1.0)
   scaled = jax.tree.map(lambda x: x / top, masked)
-  gram, dots = _flat_dots(scaled, grads)
-  gram = gram + ridge * jnp.max(jnp.diag(gram)) * jnp.eye(t)
-  # v = u + margin on valid tasks, u >= 0: the same QP with a shifted c.
-  lower = jnp.where(valid, margin * top, 0.0)
-  u = solve_dual(gram, dots + gram @ lower, valid)
-  v = jnp.where(valid, u + lower, 0.0)
+  dots = _flat_dots(scaled, grads)
+
+  def projected():
+    gram = _flat_gram(scaled)
+    gram = gram + ridge * jnp.max(jnp.diag(gram)) * jnp.eye(t)
+    # v = u + margin on valid tasks, u >= 0: the same QP with a shifted c.
+    lower = jnp.where(valid, margin * top, 0.0)
+    u = solve_dual(gram, dots + gram @ lower, valid)
+    v = jnp.where(valid, u + lower, 0.0)
+    return jax.tree.map(
+        lambda g, x: (g + jnp.tensordot(v, x, axes=1)).astype(g.dtype),
+        grads, scaled)
+
+  # The T x T Gram matrix and the QP only when some constraint is violated
+  # (the Gram's T^2 N products dominate the step otherwise).
   violated = jnp.any(valid & (dots < 0))
-  v = jnp.where(violated, v, 0.0)
-  return jax.tree.map(
-      lambda g, x: (g + jnp.tensordot(v, x, axes=1)).astype(g.dtype),
-      grads, scaled)
+  return jax.lax.cond(violated, projected, lambda: grads)
 
 
 def gem(margin: float = 0.0) -> optax.GradientTransformationExtraArgs:
