@@ -27,7 +27,9 @@ def _depthwise_numpy(x, kernel, stride):
   return out
 
 
-CASES = [(k, s) for k in (3, 5) for s in (1, 2)]
+# (kernel, stride, batch): the kernel gradient pre-sums batch slices in groups (none for one example; 3 groups
+# of 3 for 9), so the batch sizes vary too.
+CASES = [(3, 1, 1), (3, 2, 3), (5, 1, 8), (5, 2, 9)]
 
 
 @pytest.fixture(scope='module')
@@ -35,31 +37,31 @@ def depthwise_results():
   """Outputs and (input, kernel) gradients of both implementations, all cases in one jit."""
   rng = np.random.default_rng(0)
   data = {}
-  for k, s in CASES:
-    x = rng.normal(size=(2, 9, 8, 5)).astype(np.float32)  # Odd and even sides: both pad cases.
+  for k, s, b in CASES:
+    x = rng.normal(size=(b, 9, 8, 5)).astype(np.float32)  # Odd and even sides: both pad cases.
     kernel = rng.normal(size=(k, k, 1, 5)).astype(np.float32)
-    cot = rng.normal(size=(2, -(-9 // s), -(-8 // s), 5)).astype(np.float32)
-    data[(k, s)] = (x, kernel, cot)
+    cot = rng.normal(size=(b, -(-9 // s), -(-8 // s), 5)).astype(np.float32)
+    data[(k, s, b)] = (x, kernel, cot)
 
   @jax.jit
   def run(data):
     res = {}
-    for (k, s), (x, kernel, cot) in data.items():
+    for (k, s, b), (x, kernel, cot) in data.items():
       for impl in ('xla', 'shifted'):
         f = lambda a, b, impl=impl, s=s: E.depthwise_conv(a, b, s, impl)
         grads = jax.grad(lambda a, b, f=f, cot=cot: jnp.sum(f(a, b) * cot), argnums=(0, 1))(x, kernel)
-        res[(k, s, impl)] = (f(x, kernel),) + grads
+        res[(k, s, b, impl)] = (f(x, kernel),) + grads
     return res
 
   out = run(data)
   return data, {key: tuple(np.asarray(a) for a in value) for key, value in out.items()}
 
 
-@pytest.mark.parametrize('kernel_size,stride', CASES)
-def test_depthwise_impls_agree_with_brute_force_and_each_other(depthwise_results, kernel_size, stride):
+@pytest.mark.parametrize('kernel_size,stride,batch', CASES)
+def test_depthwise_impls_agree_with_brute_force_and_each_other(depthwise_results, kernel_size, stride, batch):
   data, res = depthwise_results
-  x, kernel, cot = (a.astype(np.float64) for a in data[(kernel_size, stride)])
-  xla, shifted = res[(kernel_size, stride, 'xla')], res[(kernel_size, stride, 'shifted')]
+  x, kernel, cot = (a.astype(np.float64) for a in data[(kernel_size, stride, batch)])
+  xla, shifted = res[(kernel_size, stride, batch, 'xla')], res[(kernel_size, stride, batch, 'shifted')]
   ref = _depthwise_numpy(x, kernel, stride)
   np.testing.assert_allclose(xla[0], ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(shifted[0], ref, rtol=1e-4, atol=1e-4)
@@ -173,3 +175,18 @@ def test_frozen_bn_trains_on_the_running_statistics_and_keeps_them(frozen_bn):
     assert all(same) and all(kept)
   else:  # Batch statistics normalise, and the running ones move towards them.
     assert not any(same) and not any(kept)
+
+
+def test_pointwise_conv_is_flax_conv_1x1_with_the_same_parameters():
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 7))
+  for use_bias in (False, True):
+    ours, flax_conv = E.PointwiseConv(4, use_bias=use_bias), nn.Conv(4, (1, 1), use_bias=use_bias)
+    variables = ours.init(jax.random.PRNGKey(1), x)
+    reference = flax_conv.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference)
+    chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference)
+    assert all(jax.tree.leaves(chex_equal))  # Same initialiser and names: same weights for the same key.
+    if use_bias:
+      variables = jax.tree.map(lambda a: a + 0.5, variables)  # A non-zero bias too.
+    np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)

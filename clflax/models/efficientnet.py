@@ -8,8 +8,9 @@ head and the first/last stage's repeats unscaled.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -144,18 +145,74 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), 'SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  b, h, w, _ = x.shape
-  ph, pw = same_pads(h, k, stride), same_pads(w, k, stride)
-  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
-  oh, ow = -(-h // stride), -(-w // stride)
+  return _shifted_depthwise(x, kernel, stride)
+
+
+def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  """sum_ij xp[:, y*s + i, x*s + j] * kernel[i, j]: one fused loop over the output on XLA:CPU (a static unroll)."""
   out = None
-  for i in range(k):
-    for j in range(k):
-      window = lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                         (1, stride, stride, 1))
-      term = window * kernel[i, j, 0]
+  for i in range(kernel.shape[0]):
+    for j in range(kernel.shape[1]):
+      term = _window(xp, i, j, stride, out_hw) * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+def _padded(x: jax.Array, k: int, stride: int) -> tuple[jax.Array, tuple, tuple]:
+  ph, pw = same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride)
+  return jnp.pad(x, ((0, 0), ph, pw, (0, 0))), ph, pw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  return _shifted_depthwise_fwd(x, kernel, stride)[0]
+
+
+def _shifted_depthwise_fwd(x, kernel, stride):
+  xp, _, _ = _padded(x, kernel.shape[0], stride)
+  out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  return _shifted_sum(xp, kernel, stride, out_hw), (x, kernel)
+
+
+def _window(xp: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  (oh, ow), b, c = out_hw, xp.shape[0], xp.shape[-1]
+  return lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                   (1, stride, stride, 1))
+
+
+def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
+  """dk[i, j, c] = sum over batch and output pixels of window_ij(xp) * g. A reduce of each window would write
+  the window out first (XLA:CPU hands reduces to a library that cannot take a slice), so the batch sum is an
+  unrolled add in one fused loop per window (up to 8 batch slices) and only the 1/8-size partials are reduced."""
+  b = g.shape[0]
+  u = max(d for d in range(1, min(b, 8) + 1) if b % d == 0)
+  windows = [_window(xp, i, j, stride, g.shape[1:3]) for i in range(k) for j in range(k)]
+  if u == 1:  # One example: nothing to pre-sum.
+    return jnp.stack([jnp.sum(w * g, axis=(0, 1, 2)) for w in windows])
+  split = lambda t: t.reshape((u, b // u) + t.shape[1:])
+  gs, partials = split(g), []
+  for w in map(split, windows):
+    acc = w[0] * gs[0]
+    for n in range(1, u):
+      acc = acc + w[n] * gs[n]
+    partials.append(acc)
+  return jnp.sum(jnp.stack(partials), axis=(1, 2, 3))
+
+
+def _shifted_depthwise_bwd(stride, residuals, g):
+  """Autodiff of the slices would keep k*k activation-sized windows and sum k*k padded copies for the input
+  gradient. Instead: the input gradient is the stride-1 shifted sum of g (dilated by the stride, padded) with the
+  flipped kernel, one fused loop like the forward; the kernel gradient is `_kernel_grad`."""
+  x, kernel = residuals
+  k, (_, h, w, _), (oh, ow) = kernel.shape[0], x.shape, g.shape[1:3]
+  xp, ph, pw = _padded(x, k, stride)
+  gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (k - 1 - ph[0], h + ph[0] - (oh - 1) * stride - 1, stride - 1),
+                                           (k - 1 - pw[0], w + pw[0] - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, (h, w))
+  return dx, _kernel_grad(xp, g, k, stride).reshape(kernel.shape).astype(kernel.dtype)
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 # He-normal on fan-out for dense convs (TF EfficientNet); fan-in (= k*k) for depthwise.
@@ -175,8 +232,26 @@ class DepthwiseConv(nn.Module):
     return depthwise_conv(x, kernel, self.strides, self.impl)
 
 
+class PointwiseConv(nn.Module):
+  """1x1 convolution as a matmul over the channel axis, with nn.Conv's parameters ('kernel' [1, 1, in, out],
+  'bias') and initialisers, so weights and checkpoints are interchangeable with it. XLA:CPU runs the dot and its
+  gradients 1.5-8x faster than the same convolution (EfficientNet-B0 shapes, batch 8)."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
+    y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,))
+    return y
+
+
 def _conv1x1(features, name, use_bias=False):
-  return nn.Conv(features, (1, 1), use_bias=use_bias, kernel_init=conv_init, name=name)
+  return PointwiseConv(features, use_bias=use_bias, kernel_init=conv_init, name=name)
 
 
 def _bn(train, name):
@@ -207,8 +282,8 @@ class MBConv(nn.Module):
     x = act(_bn(bn_train, 'depthwise_bn')(x))
     if self.se_ch:
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = act(nn.Conv(self.se_ch, (1, 1), kernel_init=conv_init, name='se_reduce')(s))
-      s = nn.Conv(mid, (1, 1), kernel_init=conv_init, name='se_expand')(s)
+      s = act(PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
+      s = PointwiseConv(mid, kernel_init=conv_init, name='se_expand')(s)
       x = x * jax.nn.sigmoid(s)
     x = _bn(bn_train, 'project_bn')(_conv1x1(self.out_ch, 'project_conv')(x))
     if self.stride == 1 and inputs.shape[-1] == self.out_ch:

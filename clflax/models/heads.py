@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clflax.models.efficientnet import DepthwiseConv
+from clflax.models.efficientnet import PointwiseConv
 
 DET_STRIDE = 8
 HEATMAP_PRIOR = 0.1  # CenterNet: the heatmap starts at sigmoid(bias) = 0.1.
@@ -57,10 +58,10 @@ class FPN(nn.Module):
 
   @nn.compact
   def __call__(self, features):
-    p = nn.Conv(self.channels, (1, 1), name='lateral_32')(features[32])
+    p = PointwiseConv(self.channels, name='lateral_32')(features[32])
     outs = {32: p}
     for s in (16, 8):
-      lateral = nn.Conv(self.channels, (1, 1), name=f'lateral_{s}')(features[s])
+      lateral = PointwiseConv(self.channels, name=f'lateral_{s}')(features[s])
       p = lateral + _resize_to(p, lateral, 'nearest')
       outs[s] = p
     return {s: nn.Conv(self.channels, (3, 3), name=f'smooth_{s}')(outs[s]) for s in (8, 16, 32)}
@@ -83,11 +84,11 @@ class SegHead(nn.Module):
     x = pyramid[8] + _resize_to(pyramid[16], pyramid[8], 'bilinear') \
         + _resize_to(pyramid[32], pyramid[8], 'bilinear')
     x = nn.relu(nn.Conv(self.channels, (3, 3), name='merge')(x))
-    x = nn.Conv(fine, (1, 1), name='reduce')(x)
-    x = _resize_to(x, c4, 'bilinear') + nn.Conv(fine, (1, 1), name='lateral_4')(c4)
+    x = PointwiseConv(fine, name='reduce')(x)
+    x = _resize_to(x, c4, 'bilinear') + PointwiseConv(fine, name='lateral_4')(c4)
     x = DepthwiseConv(3, impl=self.depthwise, name='refine_dw')(nn.relu(x))
-    x = nn.relu(nn.Conv(fine, (1, 1), name='refine_pw')(x))
-    x = nn.Conv(self.num_classes, (1, 1), name='logits')(x)
+    x = nn.relu(PointwiseConv(fine, name='refine_pw')(x))
+    x = PointwiseConv(self.num_classes, name='logits')(x)
     return upsample(x, tuple(out_hw))
 
 
@@ -109,7 +110,7 @@ class DetHead(nn.Module):
     for name, dim in (('heatmap', self.num_classes), ('size', 2), ('offset', 2)):
       h = nn.relu(nn.Conv(self.channels, (3, 3), name=f'{name}_conv')(p8))
       bias_init = nn.initializers.constant(prior_bias) if name == 'heatmap' else nn.initializers.zeros
-      out[name] = nn.Conv(dim, (1, 1), bias_init=bias_init, name=f'{name}_out')(h)
+      out[name] = PointwiseConv(dim, bias_init=bias_init, name=f'{name}_out')(h)
     if self.image_head:
       if top is None:
         raise ValueError('DetHead(image_head=True) needs the backbone top features')
