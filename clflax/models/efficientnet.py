@@ -133,8 +133,9 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
   """Depthwise 'SAME' convolution of NHWC `x` with an HWIO kernel [k, k, 1, C].
 
   'xla' is the grouped convolution (right on GPU/TPU). 'shifted' sums k*k
-  strided slices times per-channel weights: XLA:CPU runs the grouped conv and
-  especially its kernel gradient (done as a dense C x C convolution) far slower.
+  strided slices times per-channel weights, with its own backward pass
+  (`_shifted_depthwise_bwd`): XLA:CPU runs the grouped conv and especially its
+  kernel gradient (done as a dense C x C convolution) far slower.
   The k*k terms are a static unroll, traced once.
   """
   k, _, _, c = kernel.shape
