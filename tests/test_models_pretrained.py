@@ -264,9 +264,9 @@ def test_cls_head_from_imagenet_rows_gives_the_classifier_logits_of_those_classe
   model = multitask.MultiTaskNet('lite0', num_cls_classes=3, neck_channels=8)
   variables = multitask.init_variables(model, jax.random.PRNGKey(0), 32, pretrained_path='default', cls_wnids=wnids)
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
-  got = model.apply(variables, images, task='cls', train=False)
+  got = jax.jit(lambda v, x: model.apply(v, x, task='cls', train=False))(variables, images)  # (Eager: ~20 s.)
   classifier, full = P.load_imagenet_classifier('lite0')  # The independent path: the 1000-way model.
-  logits = classifier.apply(full, P.preprocess(images, 'lite0'), train=False)
+  logits = jax.jit(lambda v, x: classifier.apply(v, x, train=False))(full, P.preprocess(images, 'lite0'))
   np.testing.assert_allclose(got, np.asarray(logits)[:, [IMAGENETTE[w] for w in wnids]], rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="'n99999999' is not an ImageNet WordNet id"):
     multitask.init_variables(model, jax.random.PRNGKey(0), 32, pretrained_path='default',

@@ -80,18 +80,20 @@ def init_variables(model: MultiTaskNet, key: jax.Array, image_size, pretrained_p
   """All heads' variables; with `pretrained_path` ('default' or a .pth path) the backbone sub-tree is overwritten by
   the ImageNet weights, and with `cls_wnids` (the classification classes' WordNet ids) the classification head by
   those classes' rows of the ImageNet classifier."""
+  if cls_wnids:  # Refused before any init or weight file read.
+    if pretrained_path is None:
+      raise ValueError('an ImageNet-initialised classification head needs the pretrained backbone')
+    if len(cls_wnids) != model.num_cls_classes:
+      raise ValueError(f'{len(cls_wnids)} class ids for a {model.num_cls_classes}-way classification head')
+    pretrained.imagenet_index(cls_wnids)
   h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
   variables = _init(model, key, (1, int(h), int(w), 3))
   if pretrained_path is None:
-    if cls_wnids:
-      raise ValueError('an ImageNet-initialised classification head needs the pretrained backbone')
     return variables
   path = None if pretrained_path == 'default' else pretrained_path
   pre = pretrained.backbone_variables(model.backbone, path, depthwise=model.depthwise)
   params = {**variables['params'], 'backbone': pre['params']}
   if cls_wnids:
-    if len(cls_wnids) != model.num_cls_classes:
-      raise ValueError(f'{len(cls_wnids)} class ids for a {model.num_cls_classes}-way classification head')
     rows = pretrained.classifier_rows(list(cls_wnids), model.backbone, path)
     params['cls_head'] = {'logits': {k: jnp.asarray(v) for k, v in rows.items()}}
   return {**variables, 'params': params,

@@ -274,14 +274,20 @@ def imagenet_wnids() -> list[str]:
   return text.split()
 
 
-def classifier_rows(wnids, variant: str = 'lite0', path=None) -> dict[str, np.ndarray]:
-  """{'kernel' [features, n], 'bias' [n]} of the ImageNet classifier for the classes `wnids` (in that order): a
-  classification head that starts as the pretrained model restricted to those classes."""
+def imagenet_index(wnids) -> dict[str, int]:
+  """{WordNet id: ImageNet class index}; raises ValueError naming the first of `wnids` that is not an ImageNet id."""
   index = {w: i for i, w in enumerate(imagenet_wnids())}
   unknown = [w for w in wnids if w not in index]
   if unknown:
     raise ValueError(f'class {unknown[0]!r} is not an ImageNet WordNet id: its classifier row does not exist '
                      "(use config.model.cls_head_init='random')")
+  return index
+
+
+def classifier_rows(wnids, variant: str = 'lite0', path=None) -> dict[str, np.ndarray]:
+  """{'kernel' [features, n], 'bias' [n]} of the ImageNet classifier for the classes `wnids` (in that order): a
+  classification head that starts as the pretrained model restricted to those classes."""
+  index = imagenet_index(wnids)
   path = default_weights_path(variant) if path is None else os.fspath(path)
   state = read_torch_file(path)
   if '_fc.weight' not in state:
