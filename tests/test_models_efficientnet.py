@@ -185,8 +185,8 @@ def test_pointwise_conv_is_flax_conv_1x1_with_the_same_parameters():
     variables = ours.init(jax.random.PRNGKey(1), x)
     reference = flax_conv.init(jax.random.PRNGKey(1), x)
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference)
-    chex_equal = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference)
-    assert all(jax.tree.leaves(chex_equal))  # Same initialiser and names: same weights for the same key.
+    identical = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables, reference)
+    assert all(jax.tree.leaves(identical))  # Same initialiser and names: same weights for the same key.
     if use_bias:
       variables = jax.tree.map(lambda a: a + 0.5, variables)  # A non-zero bias too.
     np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)

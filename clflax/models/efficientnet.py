@@ -149,6 +149,17 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
   return _shifted_depthwise(x, kernel, stride)
 
 
+def _window(xp: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
+  (oh, ow), b, c = out_hw, xp.shape[0], xp.shape[-1]
+  return lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
+                   (1, stride, stride, 1))
+
+
+def _padded(x: jax.Array, k: int, stride: int) -> tuple[jax.Array, tuple, tuple]:
+  ph, pw = same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride)
+  return jnp.pad(x, ((0, 0), ph, pw, (0, 0))), ph, pw
+
+
 def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
   """sum_ij xp[:, y*s + i, x*s + j] * kernel[i, j]: one fused loop over the output on XLA:CPU (a static unroll)."""
   out = None
@@ -157,11 +168,6 @@ def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[in
       term = _window(xp, i, j, stride, out_hw) * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
-
-
-def _padded(x: jax.Array, k: int, stride: int) -> tuple[jax.Array, tuple, tuple]:
-  ph, pw = same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride)
-  return jnp.pad(x, ((0, 0), ph, pw, (0, 0))), ph, pw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -173,12 +179,6 @@ def _shifted_depthwise_fwd(x, kernel, stride):
   xp, _, _ = _padded(x, kernel.shape[0], stride)
   out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
   return _shifted_sum(xp, kernel, stride, out_hw), (x, kernel)
-
-
-def _window(xp: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
-  (oh, ow), b, c = out_hw, xp.shape[0], xp.shape[-1]
-  return lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                   (1, stride, stride, 1))
 
 
 def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
@@ -245,7 +245,7 @@ class PointwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    y = x @ kernel[0, 0]
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,))
     return y
