@@ -1,4 +1,6 @@
 """EfficientNet: depthwise implementations, architecture sizes, features, drop-connect."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,9 @@ def test_pointwise_conv_is_flax_conv_1x1_with_the_same_parameters():
     if use_bias:
       variables = jax.tree.map(lambda a: a + 0.5, variables)  # A non-zero bias too.
     np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    # Its own backward (`pointwise`): input and parameter gradients of a non-linear loss as nn.Conv's autodiff.
+    loss = lambda module, v, x: jnp.sum(jnp.sin(module.apply(v, x)) * jnp.arange(4.0))
+    ours_grad = jax.grad(functools.partial(loss, ours), argnums=(0, 1))(variables, x)
+    reference_grad = jax.grad(functools.partial(loss, flax_conv), argnums=(0, 1))(variables, x)
+    for a, b in zip(jax.tree.leaves(ours_grad), jax.tree.leaves(reference_grad)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
