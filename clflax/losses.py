@@ -109,6 +109,14 @@ def classification_loss(logits: Array, labels: Array, label_smoothing: float = 0
   return cross_entropy(logits, labels, label_smoothing, None, weights)
 
 
+def _power(x: Array, exponent: float) -> Array:
+  """x ** exponent, as multiplications when the exponent is a whole number (CenterNet's 2 and 4): a float
+  power is a log and an exp per element, and its gradient another log."""
+  if float(exponent).is_integer():
+    return jax.lax.integer_pow(x, int(exponent))
+  return x ** exponent
+
+
 def focal_heatmap_loss(logits: Array, target_heatmap: Array, alpha: float = 2.0, beta: float = 4.0,
                        weights: Optional[Array] = None) -> Array:
   """CenterNet's penalty-reduced pixel-wise focal loss, from logits.
@@ -127,8 +135,8 @@ def focal_heatmap_loss(logits: Array, target_heatmap: Array, alpha: float = 2.0,
   log_1mp = jax.nn.log_sigmoid(-logits)
   p, one_minus_p = jnp.exp(log_p), jnp.exp(log_1mp)
   positive = target >= 1.0
-  pos_loss = -(one_minus_p ** alpha) * log_p
-  neg_loss = -((1.0 - target) ** beta) * (p ** alpha) * log_1mp
+  pos_loss = -_power(one_minus_p, alpha) * log_p
+  neg_loss = -_power(1.0 - target, beta) * _power(p, alpha) * log_1mp
   loss = jnp.where(positive, pos_loss, neg_loss)
   num_pos = jnp.sum(positive * w)
   return jnp.sum(loss * w) / jnp.maximum(num_pos, 1.0)
