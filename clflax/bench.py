@@ -2,7 +2,8 @@ r"""Benchmarks of the trainer's own compiled steps: `python -m clflax.bench`.
 
 Every timed step is `steps.jit_train_step` with `optim.make_tx`, exactly as a stage runs it (state donated,
 replicated over the mesh, batch sharded), on random inputs of the right shapes. Rows:
-  step      per head x strategy: median seconds after warm-up, images/s, trace / cold compile / cached compile s
+  step      per head x strategy: median seconds after warm-up, images/s, trace / cold compile / cached compile s;
+            a head's strategies are timed interleaved (one step of each in turn), so their ratios share the drift
   fisher    EWC's per-example Fisher (ewc.fisher_diagonal, as consolidate runs it): seconds per example,
             against the batched naive step's seconds per image
   classic   wall time of the Permuted-MNIST A-GEM run (launch.py in a subprocess; needs the MNIST data)
@@ -217,8 +218,11 @@ def summary(times: Sequence[float]) -> dict:
   return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times), 'iters': len(times)}
 
 
-def bench_step(args, config, task, model, variables, mesh, cache: Optional[CacheEvents]) -> dict:
-  """One row: compile (cold, then from the persistent cache) and time the step of `task`."""
+def prepare_step(args, config, task, model, variables, mesh, cache: Optional[CacheEvents]) -> tuple[dict, Callable]:
+  """Compiles the step of `task` (cold, then from the persistent cache); returns its row and a timed call.
+
+  The call runs one whole step (it waits for the results) on the step's own state, which it carries on.
+  """
   s = setup_step(config, task, model, variables, mesh)
   hits = cache.hits if cache else 0
   compiled, trace_s, compile_s = compile_step(s.step_fn, (s.state, s.batch, s.context))
@@ -228,9 +232,42 @@ def bench_step(args, config, task, model, variables, mesh, cache: Optional[Cache
     hits = cache.hits
     _, trace2_s, compile2_s = compile_step(s.remake(), (s.state, s.batch, s.context))
     row.update(trace_again_s=trace2_s, compile_cached_s=compile2_s, cache_hit=cache.hits > hits)
-  times, _ = time_calls(lambda st, b, c: compiled(st, b, c), s.state, (s.batch, s.context), args.warmup, args.iters)
-  row.update(summary(times), images_per_s=args.batch / statistics.median(times), load=load())
-  return row
+  state = [s.state]  # The donated state of one call is the next call's input.
+
+  def call() -> float:
+    t = time.perf_counter()
+    state[0], out = compiled(state[0], s.batch, s.context)
+    jax.block_until_ready((state[0], out))
+    return time.perf_counter() - t
+  return row, call
+
+
+def time_interleaved(calls: Sequence[Callable[[], float]], warmup: int, iters: int) -> list[list[float]]:
+  """`warmup` untimed rounds, then `iters` timed rounds of one run of each call in turn (A B C A B C ...), as the
+  PyTorch reference's bench_interleaved: the slow drift of a shared machine then hits every row of a head alike,
+  and their ratios (A-GEM / plain, EWC / plain) stay steady where their medians move."""
+  for _ in range(warmup):
+    for call in calls:
+      call()
+  times = [[] for _ in calls]
+  for _ in range(iters):
+    for call, out in zip(calls, times):
+      out.append(call())
+  return times
+
+
+def bench_head(args, task, model, variables, mesh, cache: Optional[CacheEvents]) -> list[dict]:
+  """The rows of every requested strategy on head `task`, compiled first, then timed interleaved."""
+  rows, calls = [], []
+  for strategy in args.strategies:
+    row, call = prepare_step(args, bench_config(args, STRATEGIES[strategy]), task, model, variables, mesh, cache)
+    rows.append(row)
+    calls.append(call)
+    print(f"  {task} {strategy}: compiled in {row['compile_cold_s']:.1f} s", flush=True)
+  for row, times in zip(rows, time_interleaved(calls, args.warmup, args.iters)):
+    row.update(summary(times), images_per_s=args.batch / statistics.median(times), load=load())
+    print(f"  {task} {row['strategy']}: {row['median_s']:.3f} s (load {row['load']:.1f})", flush=True)
+  return rows
 
 
 def bench_fisher(args, config, task, model, variables) -> dict:
@@ -280,9 +317,7 @@ def run(args) -> dict:
     variables = multitask.init_variables(model, jax.random.PRNGKey(0), args.image_size)
   rows = []
   for task in args.heads:
-    for strategy in args.strategies:
-      rows.append(bench_step(args, bench_config(args, STRATEGIES[strategy]), task, model, variables, mesh, cache))
-      print(f"  {task} {strategy}: {rows[-1]['median_s']:.3f} s (load {rows[-1]['load']:.1f})", flush=True)
+    rows.extend(bench_head(args, task, model, variables, mesh, cache))
   if args.fisher_samples:
     for task in args.heads:
       rows.append(bench_fisher(args, bench_config(args, ('ewc',)), task, model, variables))
