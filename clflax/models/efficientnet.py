@@ -8,14 +8,19 @@ head and the first/last stage's repeats unscaled.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+
+from clflax.models.convs import Conv
+from clflax.models.convs import DepthwiseConv
+from clflax.models.convs import PointwiseConv
+from clflax.models.convs import depthwise_conv  # pylint: disable=unused-import (public here too)
+from clflax.models.convs import resolve_depthwise  # pylint: disable=unused-import
+from clflax.models.convs import same_pads  # pylint: disable=unused-import
 
 
 class StageSpec(NamedTuple):
@@ -113,166 +118,8 @@ def normalize(images: jax.Array, variant: str) -> jax.Array:
   return (x - jnp.asarray(_IMAGENET_MEAN)) / jnp.asarray(_IMAGENET_STD)
 
 
-def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
-  """TF 'SAME' padding of one axis: output ceil(size / stride), odd pad at the end."""
-  out = -(-size // stride)
-  total = max((out - 1) * stride + kernel - size, 0)
-  return total // 2, total - total // 2
-
-
-def resolve_depthwise(impl: str) -> str:
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'xla'
-  if impl not in ('xla', 'shifted'):
-    raise ValueError(f"depthwise must be 'auto', 'xla' or 'shifted', got {impl!r}")
-  return impl
-
-
-def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
-                   impl: str = 'auto') -> jax.Array:
-  """Depthwise 'SAME' convolution of NHWC `x` with an HWIO kernel [k, k, 1, C].
-
-  'xla' is the grouped convolution (right on GPU/TPU). 'shifted' sums k*k
-  strided slices times per-channel weights, with its own backward pass
-  (`_shifted_depthwise_bwd`): XLA:CPU runs the grouped conv and especially its
-  kernel gradient (done as a dense C x C convolution) far slower.
-  The k*k terms are a static unroll, traced once.
-  """
-  k, _, _, c = kernel.shape
-  if x.shape[-1] != c:
-    raise ValueError(f'depthwise kernel has {c} channels but the input has {x.shape[-1]}')
-  impl = resolve_depthwise(impl)
-  if impl == 'xla':
-    return lax.conv_general_dilated(
-        x, kernel, (stride, stride), 'SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  return _shifted_depthwise(x, kernel, stride)
-
-
-def _window(xp: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
-  (oh, ow), b, c = out_hw, xp.shape[0], xp.shape[-1]
-  return lax.slice(xp, (0, i, j, 0), (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
-                   (1, stride, stride, 1))
-
-
-def _padded(x: jax.Array, k: int, stride: int) -> tuple[jax.Array, tuple, tuple]:
-  ph, pw = same_pads(x.shape[1], k, stride), same_pads(x.shape[2], k, stride)
-  return jnp.pad(x, ((0, 0), ph, pw, (0, 0))), ph, pw
-
-
-def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[int, int]) -> jax.Array:
-  """sum_ij xp[:, y*s + i, x*s + j] * kernel[i, j]: one fused loop over the output on XLA:CPU (a static unroll)."""
-  out = None
-  for i in range(kernel.shape[0]):
-    for j in range(kernel.shape[1]):
-      term = _window(xp, i, j, stride, out_hw) * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return _shifted_depthwise_fwd(x, kernel, stride)[0]
-
-
-def _shifted_depthwise_fwd(x, kernel, stride):
-  # The barrier keeps XLA from fusing the producer (batch norm + activation) into the pad: it would compute it
-  # a second time for the pad copy, beside the copy it keeps for the backward (B0 cls step 0.63 -> 0.58 s).
-  xp, _, _ = _padded(lax.optimization_barrier(x), kernel.shape[0], stride)
-  out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
-  return _shifted_sum(xp, kernel, stride, out_hw), (x, kernel)
-
-
-def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
-  """dk[i, j, c] = sum over batch and output pixels of window_ij(xp) * g. A reduce of each window would write
-  the window out first (XLA:CPU hands reduces to a library that cannot take a slice), so the batch sum is an
-  unrolled add in one fused loop per window (up to 8 batch slices) and only the 1/8-size partials are reduced."""
-  b = g.shape[0]
-  u = max(d for d in range(1, min(b, 8) + 1) if b % d == 0)
-  windows = [_window(xp, i, j, stride, g.shape[1:3]) for i in range(k) for j in range(k)]
-  if u == 1:  # One example: nothing to pre-sum.
-    return jnp.stack([jnp.sum(w * g, axis=(0, 1, 2)) for w in windows])
-  split = lambda t: t.reshape((u, b // u) + t.shape[1:])
-  gs, partials = split(g), []
-  for w in map(split, windows):
-    acc = w[0] * gs[0]
-    for n in range(1, u):
-      acc = acc + w[n] * gs[n]
-    partials.append(acc)
-  return jnp.sum(jnp.stack(partials), axis=(1, 2, 3))
-
-
-def _shifted_depthwise_bwd(stride, residuals, g):
-  """Autodiff of the slices would keep k*k activation-sized windows and sum k*k padded copies for the input
-  gradient. Instead: the input gradient is the stride-1 shifted sum of g (dilated by the stride, padded) with the
-  flipped kernel, one fused loop like the forward; the kernel gradient is `_kernel_grad`."""
-  x, kernel = residuals
-  k, (_, h, w, _), (oh, ow) = kernel.shape[0], x.shape, g.shape[1:3]
-  xp, ph, pw = _padded(x, k, stride)
-  gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (k - 1 - ph[0], h + ph[0] - (oh - 1) * stride - 1, stride - 1),
-                                           (k - 1 - pw[0], w + pw[0] - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
-  dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, (h, w))
-  return dx, _kernel_grad(xp, g, k, stride).reshape(kernel.shape).astype(kernel.dtype)
-
-
-_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
-
-
-# He-normal on fan-out for dense convs (TF EfficientNet); fan-in (= k*k) for depthwise.
+# He-normal on fan-out for dense convs (TF EfficientNet).
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'truncated_normal')
-depthwise_init = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
-
-
-class DepthwiseConv(nn.Module):
-  """Depthwise convolution whose kernel [k, k, 1, C] is shared by both implementations."""
-  kernel_size: int
-  strides: int = 1
-  impl: str = 'auto'
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', depthwise_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
-    return depthwise_conv(x, kernel, self.strides, self.impl)
-
-
-@jax.custom_vjp
-def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x @ kernel over the channel axis, with its kernel gradient as one 2-D dot over the flattened pixels: autodiff's
-  N-D dot_general contracting batch and space made XLA:CPU write the cotangent out transposed first (B0 block 1:
-  a 38 MB transposed copy; the block's fwd + bwd 1.6x slower)."""
-  return x @ kernel
-
-
-def _pointwise_fwd(x, kernel):
-  return x @ kernel, (x, kernel)
-
-
-def _pointwise_bwd(residuals, g):
-  x, kernel = residuals
-  rows = lambda t: t.reshape(-1, t.shape[-1])
-  dk = lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())))
-  return (g @ kernel.T).astype(x.dtype), dk.astype(kernel.dtype)
-
-
-pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-class PointwiseConv(nn.Module):
-  """1x1 convolution as a matmul over the channel axis, with nn.Conv's parameters ('kernel' [1, 1, in, out],
-  'bias') and initialisers, so weights and checkpoints are interchangeable with it. XLA:CPU runs the dot and its
-  gradients 1.5-8x faster than the same convolution (EfficientNet-B0 shapes, batch 8)."""
-  features: int
-  use_bias: bool = True
-  kernel_init: Callable = nn.initializers.lecun_normal()
-  bias_init: Callable = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = pointwise(x, kernel[0, 0])
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
-    return y
 
 
 def _conv1x1(features, name, use_bias=False):
@@ -341,8 +188,7 @@ class EfficientNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'EfficientNet expects [B, H, W, 3] images, got shape {x.shape}')
     act = jax.nn.relu6 if spec.lite else jax.nn.silu
-    x = nn.Conv(spec.stem_ch, (3, 3), (2, 2), padding='SAME', use_bias=False,
-                kernel_init=conv_init, name='stem_conv')(x)
+    x = Conv(spec.stem_ch, 3, 2, use_bias=False, kernel_init=conv_init, name='stem_conv')(x)
     bn_train = train and not self.frozen_bn
     x = act(_bn(bn_train, 'stem_bn')(x))
     total = sum(s.repeats for s in spec.stages)

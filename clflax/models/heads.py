@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clflax.models.efficientnet import DepthwiseConv
-from clflax.models.efficientnet import PointwiseConv
+from clflax.models.convs import Conv
+from clflax.models.convs import DepthwiseConv
+from clflax.models.convs import PointwiseConv
 
 DET_STRIDE = 8
 HEATMAP_PRIOR = 0.1  # CenterNet: the heatmap starts at sigmoid(bias) = 0.1.
@@ -64,7 +65,7 @@ class FPN(nn.Module):
       lateral = PointwiseConv(self.channels, name=f'lateral_{s}')(features[s])
       p = lateral + _resize_to(p, lateral, 'nearest')
       outs[s] = p
-    return {s: nn.Conv(self.channels, (3, 3), name=f'smooth_{s}')(outs[s]) for s in (8, 16, 32)}
+    return {s: Conv(self.channels, 3, name=f'smooth_{s}')(outs[s]) for s in (8, 16, 32)}
 
 
 class SegHead(nn.Module):
@@ -83,7 +84,7 @@ class SegHead(nn.Module):
     fine = max(self.channels // 2, 8)
     x = pyramid[8] + _resize_to(pyramid[16], pyramid[8], 'bilinear') \
         + _resize_to(pyramid[32], pyramid[8], 'bilinear')
-    x = nn.relu(nn.Conv(self.channels, (3, 3), name='merge')(x))
+    x = nn.relu(Conv(self.channels, 3, name='merge')(x))
     x = PointwiseConv(fine, name='reduce')(x)
     x = _resize_to(x, c4, 'bilinear') + PointwiseConv(fine, name='lateral_4')(c4)
     x = DepthwiseConv(3, impl=self.depthwise, name='refine_dw')(nn.relu(x))
@@ -108,7 +109,7 @@ class DetHead(nn.Module):
     prior_bias = float(-np.log((1 - HEATMAP_PRIOR) / HEATMAP_PRIOR))  # -2.19
     out = {}
     for name, dim in (('heatmap', self.num_classes), ('size', 2), ('offset', 2)):
-      h = nn.relu(nn.Conv(self.channels, (3, 3), name=f'{name}_conv')(p8))
+      h = nn.relu(Conv(self.channels, 3, name=f'{name}_conv')(p8))
       bias_init = nn.initializers.constant(prior_bias) if name == 'heatmap' else nn.initializers.zeros
       out[name] = PointwiseConv(dim, bias_init=bias_init, name=f'{name}_out')(h)
     if self.image_head:
