@@ -211,8 +211,8 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 class Conv(nn.Module):
-  """k x k 'SAME' convolution with nn.Conv's parameters ('kernel' [k, k, in, out], 'bias') and initialisers,
-  run by `conv`."""
+  """k x k 'SAME' convolution with nn.Conv's parameters ('kernel' [k, k, in, out], 'bias') and initialisers:
+  `conv` on CPU; elsewhere the plain convolution and its autodiff (cuDNN / TPU convolutions need no help)."""
   features: int
   kernel_size: int = 3
   strides: int = 1
@@ -224,7 +224,7 @@ class Conv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
-    y = conv(x, kernel, self.strides)
+    y = (conv if jax.default_backend() == 'cpu' else _conv)(x, kernel, self.strides)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,))
     return y

@@ -18,9 +18,6 @@ import jax.numpy as jnp
 from clflax.models.convs import Conv
 from clflax.models.convs import DepthwiseConv
 from clflax.models.convs import PointwiseConv
-from clflax.models.convs import depthwise_conv  # pylint: disable=unused-import (public here too)
-from clflax.models.convs import resolve_depthwise  # pylint: disable=unused-import
-from clflax.models.convs import same_pads  # pylint: disable=unused-import
 
 
 class StageSpec(NamedTuple):
