@@ -56,6 +56,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=list(STRATEGIES))
   p.add_argument('--warmup', type=int, default=2, help='Untimed runs after compilation.')
   p.add_argument('--iters', type=int, default=5, help='Timed runs; the median is reported.')
+  p.add_argument('--settle', type=int, default=1, help='Untimed runs of the same step right before each timed one.')
   p.add_argument('--fisher_samples', type=int, default=16, help='Examples per Fisher run (0 skips the Fisher).')
   p.add_argument('--fisher_chunk', type=int, default=4, help='chunk_size of ewc.fisher_diagonal (consolidate: 4).')
   p.add_argument('--depthwise', default='auto', choices=('auto', 'shifted', 'xla'))
@@ -70,7 +71,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   for name in ('image_size', 'batch', 'iters'):
     if getattr(args, name) <= 0:
       raise ValueError(f'--{name}={getattr(args, name)} must be > 0')
-  for name in ('warmup', 'fisher_samples', 'fisher_chunk'):
+  for name in ('warmup', 'settle', 'fisher_samples', 'fisher_chunk'):
     if getattr(args, name) < 0:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 0')
   if args.image_size % 32:
@@ -242,16 +243,21 @@ def prepare_step(args, config, task, model, variables, mesh, cache: Optional[Cac
   return row, call
 
 
-def time_interleaved(calls: Sequence[Callable[[], float]], warmup: int, iters: int) -> list[list[float]]:
-  """`warmup` untimed rounds, then `iters` timed rounds of one run of each call in turn (A B C A B C ...), as the
-  PyTorch reference's bench_interleaved: the slow drift of a shared machine then hits every row of a head alike,
-  and their ratios (A-GEM / plain, EWC / plain) stay steady where their medians move."""
+def time_interleaved(calls: Sequence[Callable[[], float]], warmup: int, iters: int,
+                     settle: int = 1) -> list[list[float]]:
+  """`warmup` untimed rounds, then `iters` timed rounds of each call in turn (A B C A B C ...), as the PyTorch
+  reference's bench_interleaved: the slow drift of a shared machine then hits every row of a head alike, and
+  their ratios (A-GEM / plain, EWC / plain) stay steady where their medians move. Each timed run directly
+  follows `settle` untimed runs of the same call, as in training, where a step follows the same step (on this
+  2-core CPU a step run right after another executable's ran ~10% slower)."""
   for _ in range(warmup):
     for call in calls:
       call()
   times = [[] for _ in calls]
   for _ in range(iters):
     for call, out in zip(calls, times):
+      for _ in range(settle):
+        call()
       out.append(call())
   return times
 
@@ -264,7 +270,7 @@ def bench_head(args, task, model, variables, mesh, cache: Optional[CacheEvents])
     rows.append(row)
     calls.append(call)
     print(f"  {task} {strategy}: compiled in {row['compile_cold_s']:.1f} s", flush=True)
-  for row, times in zip(rows, time_interleaved(calls, args.warmup, args.iters)):
+  for row, times in zip(rows, time_interleaved(calls, args.warmup, args.iters, args.settle)):
     row.update(summary(times), images_per_s=args.batch / statistics.median(times), load=load())
     print(f"  {task} {row['strategy']}: {row['median_s']:.3f} s (load {row['load']:.1f})", flush=True)
   return rows
@@ -300,14 +306,27 @@ def bench_classic(args) -> dict:
   return row
 
 
+_CACHE_FLAGS = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+                'jax_persistent_cache_min_entry_size_bytes')
+
+
 def run(args) -> dict:
-  """Runs every requested row; returns the JSON-able results."""
-  cache_dir = args.cache_dir or tempfile.mkdtemp(prefix='clflax_bench_cache_')
-  jax.config.update('jax_compilation_cache_dir', cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  if args.fast_compile:
-    jax.config.update('jax_disable_most_optimizations', True)
+  """Runs every requested row; returns the JSON-able results. The persistent-cache settings it needs (every
+  compile cached, in `--cache_dir`) are the caller's again afterwards; `--fast_compile` stays set."""
+  previous = {name: getattr(jax.config, name) for name in _CACHE_FLAGS}
+  try:
+    jax.config.update('jax_compilation_cache_dir', args.cache_dir or tempfile.mkdtemp(prefix='clflax_bench_cache_'))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    if args.fast_compile:
+      jax.config.update('jax_disable_most_optimizations', True)
+    return _run_rows(args)
+  finally:
+    for name, value in previous.items():
+      jax.config.update(name, value)
+
+
+def _run_rows(args) -> dict:
   cache = CacheEvents()
   start_load = load()
   mesh = parallel.make_mesh()

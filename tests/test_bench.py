@@ -2,6 +2,7 @@
 import json
 import os
 
+import jax
 import pytest
 
 from clflax import bench
@@ -31,8 +32,12 @@ def test_time_interleaved_alternates_the_calls_and_times_each():
   order = []
   calls = [lambda name=name, t=t: (order.append(name), t)[1] for name, t in (('a', 1.0), ('b', 2.0), ('c', 3.0))]
   times = bench.time_interleaved(calls, warmup=1, iters=2)
-  assert order == ['a', 'b', 'c'] * 3  # One warm-up round, then two timed rounds, one run of each in turn.
+  # One warm-up round, then two rounds of each in turn, each timed run right after an untimed one of its own.
+  assert order == ['a', 'b', 'c'] + ['a', 'a', 'b', 'b', 'c', 'c'] * 2
   assert times == [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+  order.clear()
+  bench.time_interleaved(calls, warmup=0, iters=1, settle=0)
+  assert order == ['a', 'b', 'c']
 
 
 def test_report_ratios_and_goals_against_a_reference(tmp_path):
@@ -61,7 +66,9 @@ def test_report_ratios_and_goals_against_a_reference(tmp_path):
 def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
   _torch_ref(tmp_path, res=32)
   path = tmp_path / 'bench.json'
-  assert bench.main(['--backbone', 'tiny', '--image_size', '32', '--batch', '2', '--iters', '2', '--warmup', '0',
+  cache_settings = [getattr(jax.config, name) for name in bench._CACHE_FLAGS]  # pylint: disable=protected-access
+  assert bench.main(['--cache_dir', jax.config.jax_compilation_cache_dir,  # The suite's cache: no switch of folder.
+                     '--backbone', 'tiny', '--image_size', '32', '--batch', '2', '--iters', '2', '--warmup', '0',
                      '--heads', 'cls', '--strategies', 'naive', '--fisher_samples', '2', '--classic', 'skip',
                      '--fast_compile', '--no_compile_cache', '--torch_ref', str(tmp_path),
                      '--json', str(path)]) == 0
@@ -72,6 +79,8 @@ def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
   (fisher,) = [r for r in results['rows'] if r['kind'] == 'fisher']
   assert fisher['n_samples'] == 2 and fisher['fisher_speedup_vs_torch'] == pytest.approx(0.2 / fisher['s_per_sample'])
   assert 'goal speedup_vs_torch (target 1.5)' in capsys.readouterr().out
+  # The rest of the suite keeps its cache settings (the bench caches every compile while it runs).
+  assert [getattr(jax.config, name) for name in bench._CACHE_FLAGS] == cache_settings  # pylint: disable=protected-access
 
 
 def test_bench_refuses_bad_flags_before_any_compute(capsys):
