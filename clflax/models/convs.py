@@ -147,11 +147,15 @@ def _pointwise_fwd(x, kernel):
   return x @ kernel, (x, kernel)
 
 
+def _pixel_dot(x: jax.Array, g: jax.Array) -> jax.Array:
+  """[in, out] = sum over every leading (batch, pixel) index of x[..., in] * g[..., out], as one 2-D dot."""
+  rows = lambda t: t.reshape(-1, t.shape[-1])
+  return lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())))
+
+
 def _pointwise_bwd(residuals, g):
   x, kernel = residuals
-  rows = lambda t: t.reshape(-1, t.shape[-1])
-  dk = lax.dot_general(rows(x), rows(g), (((0,), (0,)), ((), ())))
-  return (g @ kernel.T).astype(x.dtype), dk.astype(kernel.dtype)
+  return (g @ kernel.T).astype(x.dtype), _pixel_dot(x, g).astype(kernel.dtype)
 
 
 pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
@@ -173,8 +177,6 @@ class PointwiseConv(nn.Module):
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,))
     return y
-
-
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -201,9 +203,7 @@ def _conv_bwd(stride, residuals, g):
   _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, stride), x)
   k = kernel.shape[0]
   xp, _, _ = _padded(x, k, stride)
-  rows = lambda t: t.reshape(-1, t.shape[-1])
-  taps = [lax.dot_general(rows(_window(xp, i, j, stride, g.shape[1:3])), rows(g), (((0,), (0,)), ((), ())))
-          for i in range(k) for j in range(k)]
+  taps = [_pixel_dot(_window(xp, i, j, stride, g.shape[1:3]), g) for i in range(k) for j in range(k)]
   return input_vjp(g)[0], jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
 
 
