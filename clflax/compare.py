@@ -146,9 +146,16 @@ def _show(value) -> str:
   return str(value)
 
 
+def _inactive(config: Mapping[str, Any], key: str) -> bool:
+  """True for `strategy.<s>.*` keys of a strategy the run does not use (every config carries every section)."""
+  parts, names = key.split("."), config.get("strategy.names")
+  return len(parts) > 2 and parts[0] == "strategy" and isinstance(names, (list, tuple)) and parts[1] not in names
+
+
 def group_name(config: Mapping[str, Any], group_by: Sequence[str] = ()) -> str:
   name = _show(config.get("strategy.names", config.get("strategy", "(no strategy)")))
-  return ", ".join([name] + [f"{k}={_show(config.get(k, '(absent)'))}" for k in group_by])
+  return ", ".join([name] + [f"{k}={_show(config.get(k, '(absent)'))}" for k in group_by
+                             if not _inactive(config, k)])
 
 
 def stats(values) -> dict:
@@ -170,7 +177,8 @@ def _cellwise(matrices: np.ndarray, key: str) -> list:
 
 def _differing(configs: Sequence[Mapping[str, Any]], ignore: Sequence[str]) -> list:
   keys = sorted(set().union(*configs) - set(ignore))
-  return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+  return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs
+                                  if not _inactive(c, k)}) > 1]
 
 
 def aggregate(runs: Sequence[Run], group_by: Sequence[str] = ()) -> list:

@@ -112,6 +112,18 @@ def test_group_by_splits_groups(runs, tmp_path):
   assert one["final"]["seg"] == {"mean": 59.0, "std": None, "n": 1, "values": [59.0]}
 
 
+def test_group_by_ignores_the_settings_of_strategies_a_run_does_not_use(tmp_path):
+  # Every config carries every strategy's section: an A-GEM run's EWC strength is not one of its settings.
+  m = [[50, 0, 0], [40, 30, 0], [30, 20, 60]]
+  for seed, strength in enumerate([10, 100]):
+    _write(tmp_path / f"agem_{seed}", _matrix_results(m, ["agem"], seed, {"strategy.ewc.strength": strength}))
+    _write(tmp_path / f"both_{seed}", _matrix_results(m, ["ewc", "agem"], seed, {"strategy.ewc.strength": strength}))
+  _, data = compare.compare([str(tmp_path / "*_*")], str(tmp_path / "out"), ["strategy.ewc.strength"], plot=False)
+  groups = {g["name"]: g for g in data["benchmarks"][0]["groups"]}
+  assert sorted(groups) == ["agem", "ewc+agem, strategy.ewc.strength=10", "ewc+agem, strategy.ewc.strength=100"]
+  assert groups["agem"]["n"] == 2 and groups["agem"]["differ_in"] == []
+
+
 def test_missing_corrupt_and_in_progress_runs_are_notes(runs, tmp_path, capsys):
   out = tmp_path / "cmp"
   code = compare.main([str(runs), str(runs / "nothing_*"), "--out", str(out)])
