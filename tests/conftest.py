@@ -13,7 +13,11 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Test models are tiny: XLA's heavy optimisation passes cost more than they save.
 jax.config.update("jax_disable_most_optimizations", True)
-jax.config.update("jax_compilation_cache_dir", str(_REPO / ".jax_cache"))
+# One cache per pytest-xdist worker: JAX writes cache entries non-atomically, so two workers must not share a
+# folder. Set through the environment so that the tests' subprocesses (launch.py, 4 devices, SIGKILL) use it too.
+_CACHE = _REPO / ".jax_cache" / os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Real data shipped beside the checkout (never by the package); tests skip without it.
@@ -26,3 +30,14 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data not found at {SHARED_DATA} (set CLFLAX_SHARED_DATA)")
   return SHARED_DATA
+
+
+# Files whose module fixtures run whole trainings, heaviest first: pytest-xdist hands files out in collection
+# order, so starting these first keeps one of them from being the last thing a single worker runs.
+_HEAVY_FIRST = ("test_reliability.py", "test_parallel.py", "test_train_e2e.py", "test_strategies_wiring.py",
+                "test_models_multitask.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: the rest keep their order.

@@ -135,8 +135,7 @@ def test_agem_step_on_four_devices_equals_one(multi_device):
 
 if __name__ == '__main__':  # The multi-device side, run by _multi_device with XLA_FLAGS set.
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_disable_most_optimizations', True)  # As conftest.py.
-  jax.config.update('jax_compilation_cache_dir', str(_ROOT / '.jax_cache'))
+  jax.config.update('jax_disable_most_optimizations', True)  # As conftest.py (its cache folder: the environment's).
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   results = {f'{names[0]}/{key}': value for names in _STRATEGIES for key, value in run_steps(names).items()}
   np.savez(sys.argv[1], **results)

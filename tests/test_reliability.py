@@ -133,7 +133,6 @@ def test_nan_guard_stops_with_exit_3_and_keeps_only_finite_checkpoints(reference
 
 if __name__ == '__main__':  # The subprocess side of the SIGKILL test: the same run through run.main.
   import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_disable_most_optimizations', True)  # As conftest.py.
-  jax.config.update('jax_compilation_cache_dir', str(_ROOT / '.jax_cache'))
+  jax.config.update('jax_disable_most_optimizations', True)  # As conftest.py (its cache folder: the environment's).
   inputs.load = _load
   sys.exit(run.main(_config(), sys.argv[1]))
