@@ -64,8 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--no_compile_cache', action='store_true', help='Skip the cached-compile measurement.')
   p.add_argument('--cache_dir', default='', help="Persistent compilation cache ('' = a fresh temporary folder).")
   p.add_argument('--classic', choices=('auto', 'skip'), default='auto', help='Time the Permuted-MNIST run.')
-  p.add_argument('--classic_args', default='', help="Extra launch.py flags for the Permuted-MNIST run, given with '=' as they "
-                 "start with dashes: --classic_args='--config.data_dir=DIR'.")
+  p.add_argument('--classic_args', default='', help="Extra launch.py flags for the Permuted-MNIST run, given with '=' "
+                 "as they start with dashes: --classic_args='--config.data_dir=DIR'.")
   p.add_argument('--torch_ref', default='', help='Folder with the PyTorch reference multitask_step/ewc/agem.jsonl.')
   p.add_argument('--json', default='', help="Output JSON path ('' = bench_<backbone>_<size>_b<batch>.json).")
   args = p.parse_args(argv)

@@ -2,22 +2,21 @@
 import os
 import pathlib
 
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
 # Must be set before JAX initialises its backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One cache per pytest-xdist worker: JAX writes cache entries non-atomically, so two workers must not share a
+# folder. JAX reads it from the environment at import, and the tests' subprocesses (launch.py, 4 devices, SIGKILL)
+# inherit it.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_REPO / ".jax_cache" / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-
 # Test models are tiny: XLA's heavy optimisation passes cost more than they save.
 jax.config.update("jax_disable_most_optimizations", True)
-# One cache per pytest-xdist worker: JAX writes cache entries non-atomically, so two workers must not share a
-# folder. Set through the environment so that the tests' subprocesses (launch.py, 4 devices, SIGKILL) use it too.
-_CACHE = _REPO / ".jax_cache" / os.environ.get("PYTEST_XDIST_WORKER", "main")
-os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
-jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Real data shipped beside the checkout (never by the package); tests skip without it.
