@@ -47,7 +47,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), 'SAME',
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-  return _shifted_depthwise(x, kernel, stride)
+  return _shifted_depthwise(x, kernel, stride, x.shape[1:3])
 
 
 def _window(xp: jax.Array, i: int, j: int, stride: int, out_hw: tuple[int, int]) -> jax.Array:
@@ -71,17 +71,18 @@ def _shifted_sum(xp: jax.Array, kernel: jax.Array, stride: int, out_hw: tuple[in
   return out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return _shifted_depthwise_fwd(x, kernel, stride)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_depthwise(x: jax.Array, kernel: jax.Array, stride: int, in_hw: tuple[int, int]) -> jax.Array:
+  return _shifted_depthwise_fwd(x, kernel, stride, in_hw)[0]
 
 
-def _shifted_depthwise_fwd(x, kernel, stride):
-  # The barrier keeps XLA from fusing the producer (batch norm + activation) into the pad: it would compute it
-  # a second time for the pad copy, beside the copy it keeps for the backward (B0 cls step 0.63 -> 0.58 s).
-  xp, _, _ = _padded(lax.optimization_barrier(x), kernel.shape[0], stride)
+def _shifted_depthwise_fwd(x, kernel, stride, in_hw):
+  del in_hw  # x.shape[1:3]; the backward's input size (the padded input it keeps does not tell it).
+  # The backward keeps the padded input, the pad's only copy: the producer (batch norm + activation) then fuses
+  # into the pad, one pass that writes it, instead of a copy for the backward and a second pass for the pad.
+  xp, _, _ = _padded(x, kernel.shape[0], stride)
   out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
-  return _shifted_sum(xp, kernel, stride, out_hw), (x, kernel)
+  return _shifted_sum(xp, kernel, stride, out_hw), (xp, kernel)
 
 
 def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
@@ -103,13 +104,13 @@ def _kernel_grad(xp: jax.Array, g: jax.Array, k: int, stride: int) -> jax.Array:
   return jnp.sum(jnp.stack(partials), axis=(1, 2))
 
 
-def _shifted_depthwise_bwd(stride, residuals, g):
+def _shifted_depthwise_bwd(stride, in_hw, residuals, g):
   """Autodiff of the slices would keep k*k activation-sized windows and sum k*k padded copies for the input
   gradient. Instead: the input gradient is the stride-1 shifted sum of g (dilated by the stride, padded) with the
   flipped kernel, one fused loop like the forward; the kernel gradient is `_kernel_grad`."""
-  x, kernel = residuals
-  k, (_, h, w, _), (oh, ow) = kernel.shape[0], x.shape, g.shape[1:3]
-  xp, ph, pw = _padded(x, k, stride)
+  xp, kernel = residuals
+  k, (h, w), (oh, ow) = kernel.shape[0], in_hw, g.shape[1:3]
+  ph, pw = same_pads(h, k, stride), same_pads(w, k, stride)
   gp = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), (k - 1 - ph[0], h + ph[0] - (oh - 1) * stride - 1, stride - 1),
                                            (k - 1 - pw[0], w + pw[0] - (ow - 1) * stride - 1, stride - 1), (0, 0, 0)))
   dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, (h, w))

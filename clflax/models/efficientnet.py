@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from clflax.models.convs import Conv
 from clflax.models.convs import DepthwiseConv
 from clflax.models.convs import PointwiseConv
+from clflax.models.norm import FrozenBatchNorm
 
 
 class StageSpec(NamedTuple):
@@ -123,8 +124,14 @@ def _conv1x1(features, name, use_bias=False):
   return PointwiseConv(features, use_bias=use_bias, kernel_init=conv_init, name=name)
 
 
-def _bn(train, name):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+def _bn_act(train: bool, name: str, act: str):
+  """Batch norm then `act` ('linear', 'silu', 'relu6'). On running statistics (inference, frozen_bn) it is one
+  fused affine + activation (norm.FrozenBatchNorm, same variables); training statistics need nn.BatchNorm."""
+  if not train:
+    return FrozenBatchNorm(act, epsilon=1e-3, name=name)
+  bn = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, name=name)
+  fn = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}[act]
+  return lambda x: fn(bn(x))
 
 
 class MBConv(nn.Module):
@@ -142,19 +149,20 @@ class MBConv(nn.Module):
   @nn.compact
   def __call__(self, inputs, train: bool):
     act = jax.nn.relu6 if self.lite else jax.nn.silu
+    act_name = 'relu6' if self.lite else 'silu'
     bn_train = train and not self.frozen_bn
     x = inputs
     mid = inputs.shape[-1] * self.expand
     if self.expand != 1:
-      x = act(_bn(bn_train, 'expand_bn')(_conv1x1(mid, 'expand_conv')(x)))
+      x = _bn_act(bn_train, 'expand_bn', act_name)(_conv1x1(mid, 'expand_conv')(x))
     x = DepthwiseConv(self.kernel, self.stride, self.depthwise, name='depthwise_conv')(x)
-    x = act(_bn(bn_train, 'depthwise_bn')(x))
+    x = _bn_act(bn_train, 'depthwise_bn', act_name)(x)
     if self.se_ch:
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
       s = act(PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
       s = PointwiseConv(mid, kernel_init=conv_init, name='se_expand')(s)
       x = x * jax.nn.sigmoid(s)
-    x = _bn(bn_train, 'project_bn')(_conv1x1(self.out_ch, 'project_conv')(x))
+    x = _bn_act(bn_train, 'project_bn', 'linear')(_conv1x1(self.out_ch, 'project_conv')(x))
     if self.stride == 1 and inputs.shape[-1] == self.out_ch:
       # Drop-connect: drop the whole residual branch per example.
       x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3))(x, deterministic=not train)
@@ -184,10 +192,10 @@ class EfficientNet(nn.Module):
     spec = variant_spec(self.variant)
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'EfficientNet expects [B, H, W, 3] images, got shape {x.shape}')
-    act = jax.nn.relu6 if spec.lite else jax.nn.silu
+    act = 'relu6' if spec.lite else 'silu'
     x = Conv(spec.stem_ch, 3, 2, use_bias=False, kernel_init=conv_init, name='stem_conv')(x)
     bn_train = train and not self.frozen_bn
-    x = act(_bn(bn_train, 'stem_bn')(x))
+    x = _bn_act(bn_train, 'stem_bn', act)(x)
     total = sum(s.repeats for s in spec.stages)
     features, stride, idx = {}, 2, 0
     for stage in spec.stages:
@@ -201,7 +209,7 @@ class EfficientNet(nn.Module):
         idx += 1
       stride *= stage.stride
       features[stride] = x  # A later stage at the same stride overwrites.
-    x = act(_bn(bn_train, 'head_bn')(_conv1x1(spec.head_ch, 'head_conv')(x)))
+    x = _bn_act(bn_train, 'head_bn', act)(_conv1x1(spec.head_ch, 'head_conv')(x))
     features[stride] = x
     if not self.include_top:
       return {s: features[s] for s in (4, 8, 16, 32)}
