@@ -188,24 +188,31 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
-  """Dense 'SAME' convolution of NHWC `x` with an HWIO kernel [k, k, in, out] (as nn.Conv's 'SAME'), whose
-  kernel gradient is one 2-D dot per tap (window_ij(x) over all pixels against the cotangent). Autodiff's kernel
-  gradient is a convolution over the batch; under the Fisher's vmap it becomes a grouped convolution, one group
-  per example, which XLA:CPU ran so slowly that the det head's three 3x3 convs took half of its Fisher."""
-  return _conv(x, kernel, stride)
+  """Dense 'SAME' convolution of NHWC `x` with an HWIO kernel [k, k, in, out] (as nn.Conv's 'SAME') as one matmul
+  of the k*k windows stacked on the channel axis (im2col), whose kernel gradient is one 2-D dot of the same windows
+  with the cotangent. One dot per tap ran at half a matmul's speed and copied each window out first (B0 + 3 heads,
+  224 px, batch 8, same process: steps 2-3% faster, det 0.563 -> 0.547 s). Autodiff's kernel gradient is a
+  convolution over the batch; under the Fisher's vmap it became a grouped convolution, one group per example, which
+  took half of the det head's Fisher."""
+  return _conv_fwd(x, kernel, stride)[0]
+
+
+def _patches(x: jax.Array, k: int, stride: int) -> jax.Array:
+  """[B, out_h, out_w, k*k*in]: the 'SAME' window of every output pixel, tap-major as kernel.reshape(-1, out)."""
+  xp, _, _ = _padded(x, k, stride)
+  out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+  return jnp.concatenate([_window(xp, i, j, stride, out_hw) for i in range(k) for j in range(k)], axis=-1)
 
 
 def _conv_fwd(x, kernel, stride):
-  return _conv(x, kernel, stride), (x, kernel)
+  patches = _patches(x, kernel.shape[0], stride)
+  return patches @ kernel.reshape(-1, kernel.shape[-1]), (x, patches, kernel)
 
 
 def _conv_bwd(stride, residuals, g):
-  x, kernel = residuals
+  x, patches, kernel = residuals
   _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, stride), x)
-  k = kernel.shape[0]
-  xp, _, _ = _padded(x, k, stride)
-  taps = [_pixel_dot(_window(xp, i, j, stride, g.shape[1:3]), g) for i in range(k) for j in range(k)]
-  return input_vjp(g)[0], jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+  return input_vjp(g)[0], _pixel_dot(patches, g).reshape(kernel.shape).astype(kernel.dtype)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
