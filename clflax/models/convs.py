@@ -1,7 +1,8 @@
 """The convolutions of the models, each with a backward pass XLA:CPU runs well (same maths on GPU / TPU).
 
 `PointwiseConv` (1x1 as a matmul), `DepthwiseConv` (a shifted sum on CPU) and `Conv` (dense k x k) keep
-nn.Conv's parameter names, shapes and initialisers, so checkpoints and imported weights are interchangeable.
+nn.Conv's parameter names, shapes and initialisers, so checkpoints and imported weights are interchangeable; each
+takes an optional `out_scale` per output channel (a frozen batch norm folded in).
 """
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+def _scaled(w: jax.Array, out_scale) -> jax.Array:
+  """w with its output channels (last axis) times `out_scale`: the layers' `out_scale` gives conv(x) * out_scale,
+  a frozen batch norm's scale folded into the kernel (clflax.models.norm)."""
+  return w if out_scale is None else w * out_scale.astype(w.dtype)
 
 
 def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -131,9 +138,9 @@ class DepthwiseConv(nn.Module):
   impl: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, out_scale=None):
     kernel = self.param('kernel', depthwise_init, (self.kernel_size, self.kernel_size, 1, x.shape[-1]))
-    return depthwise_conv(x, kernel, self.strides, self.impl)
+    return depthwise_conv(x, _scaled(kernel, out_scale), self.strides, self.impl)
 
 
 @jax.custom_vjp
@@ -172,11 +179,11 @@ class PointwiseConv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, out_scale=None):
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = pointwise(x, kernel[0, 0])
+    y = pointwise(x, _scaled(kernel, out_scale)[0, 0])
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
+      y = y + _scaled(self.param('bias', self.bias_init, (self.features,)), out_scale)
     return y
 
 
@@ -229,10 +236,10 @@ class Conv(nn.Module):
   bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, out_scale=None):
     k = self.kernel_size
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features))
+    kernel = _scaled(self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features)), out_scale)
     y = (conv if jax.default_backend() == 'cpu' else _conv)(x, kernel, self.strides)
     if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
+      y = y + _scaled(self.param('bias', self.bias_init, (self.features,)), out_scale)
     return y

@@ -19,6 +19,7 @@ from clflax.models.convs import Conv
 from clflax.models.convs import DepthwiseConv
 from clflax.models.convs import PointwiseConv
 from clflax.models.norm import FrozenBatchNorm
+from clflax.models.norm import bias_act
 
 
 class StageSpec(NamedTuple):
@@ -124,14 +125,17 @@ def _conv1x1(features, name, use_bias=False):
   return PointwiseConv(features, use_bias=use_bias, kernel_init=conv_init, name=name)
 
 
-def _bn_act(train: bool, name: str, act: str):
-  """Batch norm then `act` ('linear', 'silu', 'relu6'). On running statistics (inference, frozen_bn) it is one
-  fused affine + activation (norm.FrozenBatchNorm, same variables); training statistics need nn.BatchNorm."""
-  if not train:
-    return FrozenBatchNorm(act, epsilon=1e-3, name=name)
-  bn = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, name=name)
-  fn = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}[act]
-  return lambda x: fn(bn(x))
+_ACTIVATIONS = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}
+
+
+def _conv_bn_act(conv: nn.Module, x: jax.Array, channels: int, train: bool, name: str, act: str) -> jax.Array:
+  """act(batch_norm_`name`(conv(x))). On running statistics (inference, frozen_bn) the norm's scale folds into
+  conv's kernel and its shift joins the activation (clflax.models.norm: the same variables, fewer passes over
+  memory); training statistics need nn.BatchNorm after the conv."""
+  if train:
+    return _ACTIVATIONS[act](nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, name=name)(conv(x)))
+  a, b = FrozenBatchNorm(epsilon=1e-3, name=name)(channels)
+  return bias_act(conv(x, out_scale=a), b, act)
 
 
 class MBConv(nn.Module):
@@ -148,21 +152,20 @@ class MBConv(nn.Module):
 
   @nn.compact
   def __call__(self, inputs, train: bool):
-    act = jax.nn.relu6 if self.lite else jax.nn.silu
-    act_name = 'relu6' if self.lite else 'silu'
+    act = 'relu6' if self.lite else 'silu'
     bn_train = train and not self.frozen_bn
     x = inputs
     mid = inputs.shape[-1] * self.expand
     if self.expand != 1:
-      x = _bn_act(bn_train, 'expand_bn', act_name)(_conv1x1(mid, 'expand_conv')(x))
-    x = DepthwiseConv(self.kernel, self.stride, self.depthwise, name='depthwise_conv')(x)
-    x = _bn_act(bn_train, 'depthwise_bn', act_name)(x)
+      x = _conv_bn_act(_conv1x1(mid, 'expand_conv'), x, mid, bn_train, 'expand_bn', act)
+    depthwise = DepthwiseConv(self.kernel, self.stride, self.depthwise, name='depthwise_conv')
+    x = _conv_bn_act(depthwise, x, mid, bn_train, 'depthwise_bn', act)
     if self.se_ch:
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = act(PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
+      s = _ACTIVATIONS[act](PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
       s = PointwiseConv(mid, kernel_init=conv_init, name='se_expand')(s)
       x = x * jax.nn.sigmoid(s)
-    x = _bn_act(bn_train, 'project_bn', 'linear')(_conv1x1(self.out_ch, 'project_conv')(x))
+    x = _conv_bn_act(_conv1x1(self.out_ch, 'project_conv'), x, self.out_ch, bn_train, 'project_bn', 'linear')
     if self.stride == 1 and inputs.shape[-1] == self.out_ch:
       # Drop-connect: drop the whole residual branch per example.
       x = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2, 3))(x, deterministic=not train)
@@ -193,9 +196,9 @@ class EfficientNet(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f'EfficientNet expects [B, H, W, 3] images, got shape {x.shape}')
     act = 'relu6' if spec.lite else 'silu'
-    x = Conv(spec.stem_ch, 3, 2, use_bias=False, kernel_init=conv_init, name='stem_conv')(x)
     bn_train = train and not self.frozen_bn
-    x = _bn_act(bn_train, 'stem_bn', act)(x)
+    stem = Conv(spec.stem_ch, 3, 2, use_bias=False, kernel_init=conv_init, name='stem_conv')
+    x = _conv_bn_act(stem, x, spec.stem_ch, bn_train, 'stem_bn', act)
     total = sum(s.repeats for s in spec.stages)
     features, stride, idx = {}, 2, 0
     for stage in spec.stages:
@@ -209,7 +212,7 @@ class EfficientNet(nn.Module):
         idx += 1
       stride *= stage.stride
       features[stride] = x  # A later stage at the same stride overwrites.
-    x = _bn_act(bn_train, 'head_bn', act)(_conv1x1(spec.head_ch, 'head_conv')(x))
+    x = _conv_bn_act(_conv1x1(spec.head_ch, 'head_conv'), x, spec.head_ch, bn_train, 'head_bn', act)
     features[stride] = x
     if not self.include_top:
       return {s: features[s] for s in (4, 8, 16, 32)}

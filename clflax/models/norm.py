@@ -1,9 +1,12 @@
-"""Batch norm on running statistics fused with its activation, for the frozen (and inference) backbone.
+"""Batch norm on running statistics, folded into the convolution before it, for the frozen (and inference) backbone.
 
-On fixed statistics batch norm is one per-channel affine map, x * a + b. Written as flax's nn.BatchNorm it keeps
-`x - mean` for the scale's gradient and the activation keeps its sigmoid: two activation-sized tensors written per
-layer on top of the output, each another pass over memory on CPU (B0 block 1: 38 MB each). `affine_act` keeps only
-its input x, which the convolution before it has written anyway, and recomputes the rest in its backward pass.
+On fixed statistics batch norm is one per-channel affine map, bn(h) = h * a + b, so conv(x, W) * a + b equals
+conv(x, W * a) + b: `FrozenBatchNorm` returns (a, b), the layer before scales its kernel's output channels by a
+(`out_scale`), and `bias_act` adds b and the activation. Autodiff then finds a's and the kernel's gradients from the
+(small) folded kernel's gradient; written as flax's nn.BatchNorm + activation, training wrote `h - mean`, the
+sigmoid and the cotangent times a, and reduced two activation-sized products for the scale's and bias's gradients,
+each another pass over memory on CPU (B0 block 1: 38 MB each). `bias_act` keeps only its input h, which the
+convolution has written anyway, and recomputes the activation's slope in its backward pass.
 `FrozenBatchNorm` has nn.BatchNorm's variables (names, shapes, initialisers), so checkpoints are interchangeable.
 """
 from __future__ import annotations
@@ -35,46 +38,46 @@ def _activation_slope(t: jax.Array, act: str) -> jax.Array:
   return jnp.ones_like(t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def affine_act(x: jax.Array, a: jax.Array, b: jax.Array, act: str = 'linear') -> jax.Array:
-  """act(x * a + b) with per-channel (last axis) `a`, `b`; its backward keeps only x, a, b."""
-  return _activation(x * a + b, act)
+def bias_act(h: jax.Array, b: jax.Array, act: str = 'linear') -> jax.Array:
+  """act(h + b) with a per-channel (last axis) `b`; a nonlinear act's backward keeps only h and b."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f'act must be one of {ACTIVATIONS}, got {act!r}')
+  return h + b if act == 'linear' else _bias_act(h, b, act)
 
 
-def _affine_act_fwd(x, a, b, act):
-  return affine_act(x, a, b, act), (x, a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bias_act(h, b, act):
+  return _activation(h + b, act)
 
 
-def _affine_act_bwd(act, residuals, g):
+def _bias_act_fwd(h, b, act):
+  return _activation(h + b, act), (h, b)
+
+
+def _bias_act_bwd(act, residuals, g):
   # The barrier keeps XLA from merging this recomputation with the forward's: it would then write the shared
   # sigmoid out for both, the very tensor this function exists not to keep.
-  x, a, b = jax.lax.optimization_barrier(residuals)
-  dt = g * _activation_slope(x * a + b, act)
-  axes = tuple(range(x.ndim - 1))
-  return dt * a, jnp.sum(dt * x, axes).astype(a.dtype), jnp.sum(dt, axes).astype(b.dtype)
+  h, b = jax.lax.optimization_barrier(residuals)
+  dt = g * _activation_slope(h + b, act)
+  return dt, jnp.sum(dt, tuple(range(h.ndim - 1))).astype(b.dtype)
 
 
-affine_act.defvjp(_affine_act_fwd, _affine_act_bwd)
+_bias_act.defvjp(_bias_act_fwd, _bias_act_bwd)
 
 
 class FrozenBatchNorm(nn.Module):
-  """nn.BatchNorm(use_running_average=True) over the last axis, then `act`, as one `affine_act`.
+  """nn.BatchNorm(use_running_average=True) over `channels` as its affine map: returns (a, b), bn(h) = h * a + b.
 
   Same variables as nn.BatchNorm: params 'scale' (ones), 'bias' (zeros); batch_stats 'mean' (zeros), 'var' (ones).
   The statistics are read, never updated.
   """
-  act: str = 'linear'
   epsilon: float = 1e-3
 
   @nn.compact
-  def __call__(self, x):
-    if self.act not in ACTIVATIONS:
-      raise ValueError(f'act must be one of {ACTIVATIONS}, got {self.act!r}')
-    c = x.shape[-1]
-    mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), (c,)).value
-    var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), (c,)).value
-    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+  def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+    mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), (channels,)).value
+    var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), (channels,)).value
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     a = scale * jax.lax.rsqrt(var + self.epsilon)
-    b = bias - mean * a
-    return affine_act(x, a.astype(x.dtype), b.astype(x.dtype), self.act)
+    return a, bias - mean * a
