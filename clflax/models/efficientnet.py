@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from clflax.models.convs import Conv
 from clflax.models.convs import DepthwiseConv
 from clflax.models.convs import PointwiseConv
+from clflax.models.norm import ACTIVATIONS
 from clflax.models.norm import FrozenBatchNorm
 from clflax.models.norm import bias_act
 
@@ -125,15 +126,12 @@ def _conv1x1(features, name, use_bias=False):
   return PointwiseConv(features, use_bias=use_bias, kernel_init=conv_init, name=name)
 
 
-_ACTIVATIONS = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}
-
-
 def _conv_bn_act(conv: nn.Module, x: jax.Array, channels: int, train: bool, name: str, act: str) -> jax.Array:
   """act(batch_norm_`name`(conv(x))). On running statistics (inference, frozen_bn) the norm's scale folds into
   conv's kernel and its shift joins the activation (clflax.models.norm: the same variables, fewer passes over
   memory); training statistics need nn.BatchNorm after the conv."""
   if train:
-    return _ACTIVATIONS[act](nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, name=name)(conv(x)))
+    return ACTIVATIONS[act](nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-3, name=name)(conv(x)))
   a, b = FrozenBatchNorm(epsilon=1e-3, name=name)(channels)
   return bias_act(conv(x, out_scale=a), b, act)
 
@@ -162,7 +160,7 @@ class MBConv(nn.Module):
     x = _conv_bn_act(depthwise, x, mid, bn_train, 'depthwise_bn', act)
     if self.se_ch:
       s = jnp.mean(x, axis=(1, 2), keepdims=True)
-      s = _ACTIVATIONS[act](PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
+      s = ACTIVATIONS[act](PointwiseConv(self.se_ch, kernel_init=conv_init, name='se_reduce')(s))
       s = PointwiseConv(mid, kernel_init=conv_init, name='se_expand')(s)
       x = x * jax.nn.sigmoid(s)
     x = _conv_bn_act(_conv1x1(self.out_ch, 'project_conv'), x, self.out_ch, bn_train, 'project_bn', 'linear')

@@ -17,41 +17,32 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS = ('linear', 'silu', 'relu6')
-
-
-def _activation(t: jax.Array, act: str) -> jax.Array:
-  if act == 'silu':
-    return t * jax.nn.sigmoid(t)
-  if act == 'relu6':
-    return jnp.clip(t, 0, 6)
-  return t
+# The activations a conv + batch norm may end in (EfficientNet: silu; Lite: relu6; the projection: none).
+ACTIVATIONS = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}
 
 
 def _activation_slope(t: jax.Array, act: str) -> jax.Array:
-  """d act(t) / dt, elementwise."""
+  """d act(t) / dt, elementwise, for the nonlinear ACTIVATIONS."""
   if act == 'silu':
     s = jax.nn.sigmoid(t)
     return s * (1 + t * (1 - s))
-  if act == 'relu6':
-    return ((t > 0) & (t < 6)).astype(t.dtype)
-  return jnp.ones_like(t)
+  return ((t > 0) & (t < 6)).astype(t.dtype)  # relu6
 
 
 def bias_act(h: jax.Array, b: jax.Array, act: str = 'linear') -> jax.Array:
   """act(h + b) with a per-channel (last axis) `b`; a nonlinear act's backward keeps only h and b."""
   if act not in ACTIVATIONS:
-    raise ValueError(f'act must be one of {ACTIVATIONS}, got {act!r}')
+    raise ValueError(f'act must be one of {tuple(ACTIVATIONS)}, got {act!r}')
   return h + b if act == 'linear' else _bias_act(h, b, act)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bias_act(h, b, act):
-  return _activation(h + b, act)
+  return ACTIVATIONS[act](h + b)
 
 
 def _bias_act_fwd(h, b, act):
-  return _activation(h + b, act), (h, b)
+  return ACTIVATIONS[act](h + b), (h, b)
 
 
 def _bias_act_bwd(act, residuals, g):
