@@ -3,7 +3,8 @@ r"""Benchmarks of the trainer's own compiled steps: `python -m clflax.bench`.
 Every timed step is `steps.jit_train_step` with `optim.make_tx`, exactly as a stage runs it (state donated,
 replicated over the mesh, batch sharded), on random inputs of the right shapes. Rows:
   step      per head x strategy: median seconds after warm-up, images/s, trace / cold compile / cached compile s;
-            a head's strategies are timed interleaved (one step of each in turn), so their ratios share the drift
+            a head's strategies are timed interleaved (one step of each in turn), so their ratios share the drift;
+            a ratio to the plain step is the median over rounds of the two steps' times in that round, with quartiles
   fisher    EWC's per-example Fisher (ewc.fisher_diagonal, as consolidate runs it): seconds per example,
             against the batched naive step's seconds per image
   classic   wall time of the Permuted-MNIST A-GEM run (launch.py in a subprocess; needs the MNIST data)
@@ -217,7 +218,9 @@ def time_calls(fn, carry, rest: tuple, warmup: int, iters: int) -> tuple[list[fl
 
 
 def summary(times: Sequence[float]) -> dict:
-  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times), 'iters': len(times)}
+  """Median, range and every timed run in order (round i of each row of a head ran side by side)."""
+  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times), 'iters': len(times),
+          'times_s': list(times)}
 
 
 def prepare_step(args, config, task, model, variables, mesh, cache: Optional[CacheEvents]) -> tuple[dict, Callable]:

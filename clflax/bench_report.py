@@ -1,6 +1,7 @@
 """The benchmark's reading: ratios between its rows, the PyTorch reference's times, the goals met, the table."""
 import json
 import os
+import statistics
 from typing import Optional
 
 # Goals of issue 7 (ratios against the PyTorch reference run in the same session).
@@ -41,14 +42,31 @@ def torch_seconds(ref: dict, head: str, strategy: str) -> Optional[float]:
   return None
 
 
+def paired_ratio(row: dict, plain: dict) -> tuple[float, Optional[tuple[float, float]]]:
+  """row's time over plain's: the median of the per-round ratios and their quartiles where both rows kept their
+  runs from the same interleaved rounds (a slow spell of the machine then cancels in each round's ratio), else the
+  ratio of medians and no quartiles."""
+  times, plain_times = row.get('times_s'), plain.get('times_s')
+  if not times or not plain_times or len(times) != len(plain_times):
+    return row['median_s'] / plain['median_s'], None
+  per_round = [t / p for t, p in zip(times, plain_times)]
+  if len(per_round) < 2:
+    return per_round[0], None
+  q1, _, q3 = statistics.quantiles(per_round, n=4, method='inclusive')
+  return statistics.median(per_round), (q1, q3)
+
+
 def compare(rows: list[dict], ref: Optional[dict]) -> dict:
   """Ratios of the measured rows (and against the reference, when given) and which goals are met."""
   steps = {(r['head'], r['strategy']): r for r in rows if r['kind'] == 'step'}
-  out = {'ratios': {}, 'goals': {}}
+  out = {'ratios': {}, 'ratio_quartiles': {}, 'goals': {}}
   for (head, strategy), r in steps.items():
     plain = steps.get((head, 'naive'))
     if plain and strategy != 'naive':
-      out['ratios'][f'{strategy}/naive {head}'] = r['median_s'] / plain['median_s']
+      name = f'{strategy}/naive {head}'
+      out['ratios'][name], quartiles = paired_ratio(r, plain)
+      if quartiles:
+        out['ratio_quartiles'][name] = quartiles
     if ref and (ts := torch_seconds(ref, head, strategy)):
       r['torch_median_s'] = ts
       r['speedup_vs_torch'] = ts / r['median_s']
@@ -103,7 +121,9 @@ def table(rows: list[dict], comparison: dict) -> str:
       lines.append(f"classic Permuted-MNIST: {r['skipped']}" if 'skipped' in r else
                    f"classic Permuted-MNIST: {r['wall_s']:.1f} s wall (exit {r['returncode']})")
   for name, v in comparison['ratios'].items():
-    lines.append(f'ratio {name}: {v:.3f}')
+    quartiles = comparison.get('ratio_quartiles', {}).get(name)
+    spread = f' (per round: quartiles {quartiles[0]:.3f}-{quartiles[1]:.3f})' if quartiles else ''
+    lines.append(f'ratio {name}: {v:.3f}{spread}')
   for name, g in comparison['goals'].items():
     values = ', '.join(f'{k} {v:.2f}' for k, v in g['values'].items())
     lines.append(f"goal {name} (target {g['target']}): {'MET' if g['met'] else 'NOT MET'} [{values}]")

@@ -63,6 +63,25 @@ def test_report_ratios_and_goals_against_a_reference(tmp_path):
   assert 'goal agem_over_plain (target 2.1): NOT MET [cls 2.40]' in bench_report.table(rows, out)
 
 
+
+def test_ratio_to_plain_pairs_the_interleaved_rounds():
+  compiled = {'trace_s': 1.0, 'compile_cold_s': 2.0, 'images_per_s': 1.0}
+  # Round by round EWC takes 1.2x, 1.0x, 1.1x the plain step: the machine slowed down across the rounds, so the
+  # ratio of the medians (2.0 / 2.0 = 1.0) hides what the rounds show.
+  rows = [{'kind': 'step', 'head': 'cls', 'strategy': 'naive', 'median_s': 2.0, 'times_s': [1.0, 2.0, 3.0],
+           **compiled},
+          {'kind': 'step', 'head': 'cls', 'strategy': 'ewc', 'median_s': 2.0, 'times_s': [1.2, 2.0, 3.3],
+           **compiled},
+          {'kind': 'step', 'head': 'det', 'strategy': 'naive', 'median_s': 2.0, 'times_s': [2.0, 2.0], **compiled},
+          {'kind': 'step', 'head': 'det', 'strategy': 'ewc', 'median_s': 3.0, 'times_s': [3.0], **compiled}]
+  out = bench_report.compare(rows, None)
+  assert out['ratios']['ewc/naive cls'] == pytest.approx(1.1)
+  assert out['ratio_quartiles']['ewc/naive cls'] == pytest.approx((1.05, 1.15))
+  assert out['ratios']['ewc/naive det'] == pytest.approx(1.5)  # Rounds that do not pair: medians' ratio.
+  assert 'ewc/naive det' not in out['ratio_quartiles']
+  assert out['goals']['ewc_over_plain']['met'] is False
+  assert 'ratio ewc/naive cls: 1.100 (per round: quartiles 1.050-1.150)' in bench_report.table(rows, out)
+
 def test_bench_runs_end_to_end_on_the_tiny_model(tmp_path, capsys):
   _torch_ref(tmp_path, res=32)
   path = tmp_path / 'bench.json'
