@@ -40,8 +40,15 @@ def project(grads: PyTree, ref_grads: PyTree) -> PyTree:
   dot = _vdot(grads, ref)
   ref_sq = _vdot(ref, ref)
   conflict = (dot < 0) & (ref_sq > 0)
-  coef = jnp.where(conflict, dot / jnp.where(ref_sq > 0, ref_sq, 1.0), 0.0)
-  return jax.tree.map(lambda g, r: (g - coef * r).astype(g.dtype), grads, ref)
+  coef = dot / jnp.where(ref_sq > 0, ref_sq, 1.0)
+
+  def projected(coef):
+    return jax.tree.map(lambda g, r: (g - coef * r).astype(g.dtype), grads, ref)
+
+  # A branch, not a select: XLA would copy the test and the sums under it (chains of one scalar add per leaf)
+  # into every leaf's projection (the tiny EWC + A-GEM step's compiled code 2.1x longer, its compile ~1.3x);
+  # without a conflict nothing is computed.
+  return jax.lax.cond(conflict, projected, lambda _: grads, coef)
 
 
 def agem() -> optax.GradientTransformationExtraArgs:
