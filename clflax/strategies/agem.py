@@ -46,8 +46,8 @@ def project(grads: PyTree, ref_grads: PyTree) -> PyTree:
     return jax.tree.map(lambda g, r: (g - coef * r).astype(g.dtype), grads, ref)
 
   # A branch, not a select: XLA would copy the test and the sums under it (chains of one scalar add per leaf)
-  # into every leaf's projection (the tiny EWC + A-GEM step's compiled code 2.1x longer, its compile ~1.3x);
-  # without a conflict nothing is computed.
+  # into every leaf's projection (B0's A-GEM step then compiled 2.8x as long); without a conflict nothing is
+  # computed.
   return jax.lax.cond(conflict, projected, lambda _: grads, coef)
 
 
