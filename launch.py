@@ -10,6 +10,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from clflax import hugepages
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/agem.py[:smoke].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, results and logs.')
 _FRESH = flags.DEFINE_bool('fresh', False, 'If the workdir holds a different run, start in a new subfolder.')
@@ -64,4 +66,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.ensure()  # Restarts this command once with huge pages for XLA:CPU's buffers (clflax/hugepages.py).
   app.run(main, flags_parser=_parse_flags)

@@ -32,6 +32,7 @@ import numpy as np
 
 from clflax import bench_report
 from clflax import consolidate
+from clflax import hugepages
 from clflax import optim
 from clflax import parallel
 from clflax import steps
@@ -348,6 +349,7 @@ def _run_rows(args) -> dict:
   ref = bench_report.read_torch_ref(args.torch_ref, args.image_size) if args.torch_ref else None
   comparison = bench_report.compare(rows, ref)
   return {'args': vars(args), 'devices': [str(d) for d in jax.devices()], 'backend': jax.default_backend(),
+          'host_memory': hugepages.status(), 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
           'params': multitask.count_params(variables)['total'], 'load_start': start_load, 'load_end': load(),
           'cpu_count': os.cpu_count(), 'rows': rows, **comparison}
 
@@ -363,11 +365,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   with open(path, 'w') as f:
     json.dump(results, f, indent=1)
   print(f"{args.backbone} {args.image_size}px batch {args.batch}, {results['params']} params, load "
-        f"{results['load_start']:.1f} -> {results['load_end']:.1f} on {results['cpu_count']} cores")
+        f"{results['load_start']:.1f} -> {results['load_end']:.1f} on {results['cpu_count']} cores; "
+        f"{results['host_memory']}")
   print(bench_report.table(results['rows'], results))
   print(f'wrote {path}')
   return 0
 
 
 if __name__ == '__main__':
+  hugepages.ensure()  # Timings as launch.py trains: huge pages for XLA:CPU's buffers (clflax/hugepages.py).
   sys.exit(main())

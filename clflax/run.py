@@ -14,6 +14,7 @@ import ml_collections
 
 from clflax import checkpoints
 from clflax import configuration
+from clflax import hugepages
 from clflax import workdirs
 
 # Errors caused by the user's config, data, files or machine (OSError: missing, unreadable, full disk...): shown
@@ -108,6 +109,7 @@ def main(config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
       handler.addFilter(_QuietLibraries())
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)  # No 'libtpu not found' noise on CPU.
   _setup_compilation(config)
+  logging.info('%s', hugepages.status())
   try:
     with fault_hooks(os.environ.get(checkpoints.FAULT_ENV, '')):
       configuration.maybe_initialize_distributed(config)
