@@ -5,7 +5,7 @@ continual-learning strategy ('naive' fine-tuning). Strategy configs (agem.py, ew
 
 Command (bundled sample data, CPU; add --config.data_dir=/path/to/data for the full mini sets):
   python launch.py --config configs/default.py --workdir runs/default
-Full mini sets, 2-core CPU: ~16 min (seed-0 scores: README, Vision results).
+Full mini sets, 2-core CPU: ~10 min (seed-0 scores: README, Vision results).
 Smoke preset (tiny model, 64 px, a few steps; ~1-2 min on CPU):
   python launch.py --config configs/default.py:smoke --workdir runs/smoke
 """

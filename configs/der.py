@@ -4,7 +4,7 @@ The memory keeps each task's examples with the model's outputs on them (all of a
 heatmap, sizes and offsets too); beta=0 is plain DER.
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
   python launch.py --config configs/der.py --workdir runs/der
-Not yet run on the full mini sets (naive takes ~16 min there on a 2-core CPU).
+Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/der.py:smoke --workdir runs/der_smoke
 Plain DER: add --config.strategy.der.beta=0.

@@ -2,7 +2,7 @@ r"""Online EWC: exact per-example Fisher diagonal after each stage, quadratic pe
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
   python launch.py --config configs/ewc.py --workdir runs/ewc
-Full mini sets, default recipe, 2-core CPU: ~20 min (seed-0 scores: README, Vision results).
+Full mini sets, default recipe, 2-core CPU: ~13 min (seed-0 scores: README, Vision results).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/ewc.py:smoke --workdir runs/ewc_smoke
 """

@@ -2,7 +2,7 @@ r"""Memory Aware Synapses: importance from the gradient of the outputs' squared 
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
   python launch.py --config configs/mas.py --workdir runs/mas
-Not yet run on the full mini sets (naive takes ~16 min there on a 2-core CPU).
+Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/mas.py:smoke --workdir runs/mas_smoke
 """

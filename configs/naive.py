@@ -2,7 +2,7 @@ r"""Naive fine-tuning (lower bound): no strategy; later stages overwrite earlier
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
   python launch.py --config configs/naive.py --workdir runs/naive
-Full mini sets, default recipe, 2-core CPU: ~16 min (seed-0 scores: README, Vision results).
+Full mini sets, default recipe, 2-core CPU: ~10 min (seed-0 scores: README, Vision results).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/naive.py:smoke --workdir runs/naive_smoke
 """
