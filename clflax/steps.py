@@ -260,7 +260,7 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
                                                                earlier, task, gem_key, config)
   updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(parts, grad_norm=optax.global_norm(grads))
+  metrics = dict(parts, grad_norm=optax.tree.norm(grads))
   new_state = TrainState(state.step + 1, params, new_stats, opt_state, rng)
   return new_state, metrics
 
@@ -278,7 +278,7 @@ def balance_step(state: TrainState, context: Context, *, model, tx: optax.Gradie
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state, rng=rng)
-  return new_state, {'total': loss, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'total': loss, 'grad_norm': optax.tree.norm(grads)}
 
 
 def jit_balance_step(model, tx, all_tasks, config):
