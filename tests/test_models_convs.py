@@ -10,7 +10,8 @@ import pytest
 from clflax.models import convs
 
 
-@pytest.mark.parametrize('batch,h,w,k,stride', [(1, 7, 8, 3, 1), (2, 9, 9, 3, 2), (3, 8, 6, 3, 2), (2, 6, 7, 5, 1)])
+@pytest.mark.parametrize('batch,h,w,k,stride', [(1, 7, 8, 3, 1), (2, 9, 9, 3, 2), (3, 8, 6, 3, 2), (2, 6, 7, 5, 1),
+                                              (2, 5, 6, 4, 1)])  # An even kernel: uneven 'SAME' pads.
 def test_conv_is_flax_conv_with_the_same_gradients(batch, h, w, k, stride):
   x = jax.random.normal(jax.random.PRNGKey(0), (batch, h, w, 4))
   ours, flax_conv = convs.Conv(5, k, stride), nn.Conv(5, (k, k), (stride, stride), padding='SAME')

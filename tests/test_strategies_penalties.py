@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from clflax.strategies import _quadratic
 from clflax.strategies import ewc
 from clflax.strategies import l2
 from clflax.strategies import mas
@@ -48,6 +49,13 @@ def test_fisher_diagonal_matches_loop(chunk_size):
   want = _numpy_fisher(params, batch)
   for k in ('w', 'b'):
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('size', range(1, 10))
+def test_sum_leading_is_the_sum_over_the_leading_axis(size):
+  x = np.random.default_rng(size).normal(size=(size, 3, 5)).astype(np.float32)
+  np.testing.assert_allclose(_quadratic.sum_leading(jnp.asarray(x)), x.astype(np.float64).sum(0), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_fisher_bad_input():

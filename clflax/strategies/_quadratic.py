@@ -84,12 +84,28 @@ def _batch_size(batch: PyTree) -> int:
   return n
 
 
+def sum_leading(x: jax.Array) -> jax.Array:
+  """x summed over its leading axis, as halving adds of slices (log2 of the axis levels).
+
+  The same sum as jnp.sum(x, axis=0), but XLA:CPU runs a reduce over a short leading axis with a large output
+  element by element with a strided inner loop: the Fisher's per-example sums (4 x 1152 x 320 floats) ran 40-50x
+  slower as a reduce than as these adds, which fuse into one vectorised loop.
+  """
+  while x.shape[0] > 1:
+    half = x.shape[0] // 2
+    pairs = x[:half] + x[half:2 * half]
+    if x.shape[0] % 2:
+      pairs = pairs.at[0].add(x[2 * half])
+    x = pairs
+  return x[0]
+
+
 def per_example_mean(fn: Callable[[PyTree, PyTree], PyTree], params: PyTree,
                      batch: PyTree, chunk_size: Optional[int] = None) -> PyTree:
   """Mean over the batch of fn(params, example), vmapped per example.
 
-  With `chunk_size`, whole chunks go through `jax.lax.map` (memory bounded by
-  one chunk of per-example results, each chunk summed at once) and the
+  With `chunk_size`, whole chunks go through `jax.lax.scan` (memory bounded by
+  one chunk of per-example results, each chunk added to a running sum) and the
   remainder N % chunk_size through one more vmap, so the mean stays exact.
   """
   n = _batch_size(batch)
@@ -99,8 +115,7 @@ def per_example_mean(fn: Callable[[PyTree, PyTree], PyTree], params: PyTree,
   per_example = jax.vmap(fn, in_axes=(None, 0))
 
   def chunk_sum(chunk):
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0),
-                        per_example(params, chunk))
+    return jax.tree.map(sum_leading, per_example(params, chunk))
 
   if chunk_size is None or chunk_size >= n:
     total = chunk_sum(batch)
@@ -109,8 +124,12 @@ def per_example_mean(fn: Callable[[PyTree, PyTree], PyTree], params: PyTree,
     m = k * chunk_size
     chunks = jax.tree.map(
         lambda x: x[:m].reshape((k, chunk_size) + x.shape[1:]), batch)
-    total = jax.tree.map(lambda s: jnp.sum(s, axis=0),
-                         jax.lax.map(chunk_sum, chunks))
+    first = jax.tree.map(lambda x: x[0], chunks)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(chunk_sum, first))
+    total, _ = jax.lax.scan(
+        lambda acc, chunk: (jax.tree.map(jnp.add, acc, chunk_sum(chunk)), None),
+        zeros, chunks)
     if m < n:
       rest = chunk_sum(jax.tree.map(lambda x: x[m:], batch))
       total = jax.tree.map(jnp.add, total, rest)

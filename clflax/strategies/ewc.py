@@ -31,7 +31,7 @@ def fisher_diagonal(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     loss_fn: loss_fn(params, example) -> scalar, for ONE example (no batch axis).
     params: parameters the Fisher is evaluated at.
     batch: pytree whose leaves share a leading axis N.
-    chunk_size: if set, process chunk_size examples at a time (jax.lax.map), to
+    chunk_size: if set, process chunk_size examples at a time (jax.lax.scan), to
       bound memory; N need not be a multiple of it.
   """
   grad_fn = jax.grad(loss_fn)
