@@ -217,10 +217,10 @@ def _conv_fwd(x, kernel, stride):
 
 
 def _input_grad(x: jax.Array, kernel: jax.Array, stride: int, g: jax.Array) -> jax.Array:
-  """The cotangent of `_conv`'s input. Stride 1 (every head's conv): the 'SAME' convolution of g with the flipped,
-  in/out-swapped kernel, written out: autodiff's transposed convolution kept the kernel as 'oi', which XLA:CPU ran
-  ~2x slower than the 'io' one it gets in a batched step when the Fisher's vmap batched it (det head: 4 of these
-  convolutions were 30% of the Fisher's time)."""
+  """The cotangent of `_conv`'s input. Stride 1 (every head's conv) writes it out as the convolution of g with the
+  flipped, in/out-swapped kernel (the 'SAME' pads swapped). Autodiff's transposed convolution is the same maths, but
+  under the Fisher's vmap XLA:CPU kept its kernel as 'oi' and ran it ~2x slower than the 'io' form a batched step
+  gets (det head: four of these convolutions were 30% of the Fisher's time)."""
   if stride != 1:
     return jax.vjp(lambda x: _conv(x, kernel, stride), x)[1](g)[0]
   k = kernel.shape[0]
