@@ -6,7 +6,7 @@ Full mini sets, default recipe, 2-core CPU: ~22 min (seed-0 scores: README, Visi
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/agem.py:smoke --workdir runs/agem_smoke
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

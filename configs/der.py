@@ -9,7 +9,7 @@ Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/der.py:smoke --workdir runs/der_smoke
 Plain DER: add --config.strategy.der.beta=0.
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Full mini sets, default recipe, 2-core CPU: ~13 min (seed-0 scores: README, Visi
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/ewc.py:smoke --workdir runs/ewc_smoke
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

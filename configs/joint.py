@@ -9,7 +9,7 @@ Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU; ex
 Smoke preset (tiny model, a few steps; ~2 min on 2 busy CPU cores):
   python launch.py --config configs/joint.py:smoke --workdir runs/joint_smoke
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

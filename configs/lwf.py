@@ -6,7 +6,7 @@ Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/lwf.py:smoke --workdir runs/lwf_smoke
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

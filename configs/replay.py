@@ -7,7 +7,7 @@ since; naive went 26 -> 10 min). Seed-0 scores: README, Vision results.
 Smoke preset (tiny model, a few steps; about a minute on CPU):
   python launch.py --config configs/replay.py:smoke --workdir runs/replay_smoke
 """
-from configs import default
+from clflax.configs import default
 
 
 def get_config(arg=None):

@@ -9,10 +9,8 @@ Command (the four MNIST idx files in <data_dir>/mnist; runtimes about those of p
 rotation: minutes for vanilla on 2 CPU cores, A-GEM several times longer):
   python launch.py --config configs/rotated_mnist.py:agem --config.data_dir=../shared/data --workdir runs/rm_agem
 """
-from configs import permuted_mnist
+from clflax.configs import mnist
 
 
 def get_config(arg='agem'):
-  config = permuted_mnist.get_config(arg)
-  config.classic.protocol = 'rotated'  # Task t rotates every digit by its own angle.
-  return config
+  return mnist.rotated(arg)

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # inherit it.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_REPO / ".jax_cache" / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
-from clflax import hugepages  # noqa: E402
+from clflax.runtime import hugepages  # noqa: E402
 
 # Huge pages for XLA:CPU's per-step buffers, as launch.py gets them (clflax/hugepages.py). glibc reads the tunable at
 # process start, so it reaches the pytest-xdist workers (started after this file is read) and the tests'

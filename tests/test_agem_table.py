@@ -1,5 +1,5 @@
 """The A-GEM table's metrics and rendering, against hand-computed values."""
-from clflax import agem_table
+from tools import agem_table
 
 
 def test_scores_average_accuracy_and_forgetting_by_hand():

@@ -8,11 +8,12 @@ import numpy as np
 import optax
 import pytest
 
-from clflax import configuration
-from clflax import consolidate
-from clflax import run
-from clflax import steps
-from clflax import train
+from clflax.trainer import setup
+from clflax.configs import validation
+from clflax.trainer import consolidate
+from clflax import cli
+from clflax.trainer import steps
+from clflax.trainer import train
 from clflax.strategies import replay
 from configs import joint
 from configs import permuted_mnist
@@ -23,7 +24,7 @@ def _three_task_memories(config):
   config.model.hidden = (8,)
   config.train.batch_size = 6
   config.train.loss_weights = {'task2': 1.0, 'task3': 2.0, 'task4': 0.5}
-  model = train.build_model(config)
+  model = setup.build_model(config)
   rng = np.random.default_rng(0)
   memories, reference = {}, {}
   for task in config.tasks:
@@ -67,7 +68,7 @@ def test_balancing_fine_tune_recovers_forgotten_tasks_and_reports_both_rows(shar
   config.strategy.replay.memory_per_task = 100  # The memories the fine-tune trains on.
   config.train.balance_finetune_steps = 200
   config.train.log_every_steps = 50
-  assert run.main(config, str(tmp_path)) == 0
+  assert cli.run(config, str(tmp_path)) == 0
   with open(tmp_path / 'results.json') as f:
     results = json.load(f)
   before = np.mean([results['before_balance'][t]['acc'] for t in ('task2', 'task3')])
@@ -75,7 +76,7 @@ def test_balancing_fine_tune_recovers_forgotten_tasks_and_reports_both_rows(shar
   assert after > before + 5, (before, after)  # Vanilla forgot tasks 2-3; their memories bring them back.
   assert len(results['curves']['balance']) == 200
   assert 'balancing fine-tune of 200 steps' in (tmp_path / 'summary.md').read_text()
-  assert run.main(config, str(tmp_path)) == 0  # Rerun: finished, nothing redone.
+  assert cli.run(config, str(tmp_path)) == 0  # Rerun: finished, nothing redone.
   with open(tmp_path / 'results.json') as f:
     assert json.load(f)['metrics'] == results['metrics']
 
@@ -103,11 +104,11 @@ def test_joint_step_adds_every_other_tasks_whole_loss():
 
 def test_joint_config_is_refused_with_a_strategy_or_on_the_classic_protocols():
   config = joint.get_config('smoke')
-  configuration.validate(config)
+  validation.validate(config)
   config.strategy.names = ('agem',)
   with pytest.raises(ValueError, match='strategy.names to naive'):
-    configuration.validate(config)
+    validation.validate(config)
   classic = permuted_mnist.get_config('vanilla,smoke')
   classic.train.joint = True
   with pytest.raises(ValueError, match='classic.joint'):
-    configuration.validate(classic)
+    validation.validate(classic)

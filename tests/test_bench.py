@@ -5,8 +5,8 @@ import os
 import jax
 import pytest
 
-from clflax import bench
-from clflax import bench_report
+from clflax.bench import run as bench
+from clflax.bench import report as bench_report
 
 
 def _write_jsonl(path, records):

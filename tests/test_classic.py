@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from clflax import run
+from clflax import cli
 from configs import permuted_mnist
 from configs import rotated_mnist
 from configs import split_mnist
@@ -24,7 +24,7 @@ def test_agem_forgets_less_than_vanilla(shared_data, tmp_path):
   for name in ('vanilla', 'agem'):
     config = permuted_mnist.get_config(f'{name},smoke')
     config.data_dir = str(shared_data)
-    assert run.main(config, str(tmp_path / name)) == 0
+    assert cli.run(config, str(tmp_path / name)) == 0
     scores[name] = _final_and_forgetting(tmp_path / name)
   (van_acc, van_forgetting, van_matrix), (agem_acc, agem_forgetting, _) = scores['vanilla'], scores['agem']
   assert van_matrix.shape == (3, 3)
@@ -42,7 +42,7 @@ def test_unknown_strategy_is_refused():
 def test_split_mnist_learns_each_pair_and_class_incremental_forgets(shared_data, tmp_path, multi_head):
   config = split_mnist.get_config('vanilla,smoke' + (',multi_head' if multi_head else ''))
   config.data_dir = str(shared_data)
-  assert run.main(config, str(tmp_path)) == 0
+  assert cli.run(config, str(tmp_path)) == 0
   _, forgetting, matrix = _final_and_forgetting(tmp_path)
   assert matrix.shape == (5, 5)
   assert np.diag(matrix).min() > 85  # Telling two digits apart is easy after one epoch of 200 images...
@@ -59,25 +59,25 @@ def test_rotated_mnist_rotates_each_task_by_its_own_angle():
 
 
 def test_command_line_task_count_resizes_the_task_list():
-  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  from clflax.configs import validation  # pylint: disable=g-import-not-at-top
   config = permuted_mnist.get_config('vanilla')
   config.classic.num_tasks = 6  # As --config.classic.num_tasks=6 does.
-  configuration.sync_classic_tasks(config)
+  validation.sync_classic_tasks(config)
   assert tuple(config.tasks) == ('task4', 'task5', 'task6')
   assert dict(config.train.epochs) == {'task4': 1, 'task5': 1, 'task6': 1}
-  configuration.validate(config)
+  validation.validate(config)
   config.train.epochs.task4 = 2
   config.classic.num_tasks = 5
   with pytest.raises(ValueError, match='epochs differs between tasks'):
-    configuration.sync_classic_tasks(config)
+    validation.sync_classic_tasks(config)
   config.classic.skip_tasks = 5
   with pytest.raises(ValueError, match='leaves no task'):
-    configuration.sync_classic_tasks(config)
+    validation.sync_classic_tasks(config)
 
 
 def test_joint_batches_mix_every_task_with_its_own_permutation():
   import jax  # pylint: disable=g-import-not-at-top
-  from clflax import classic  # pylint: disable=g-import-not-at-top
+  from clflax.data import classic  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   num_tasks, rows = 5, 40
   images = rng.integers(0, 256, (rows, 28, 28), dtype=np.uint8)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from clflax import configuration
-from clflax import run
+from clflax.configs import validation
+from clflax import cli
 from configs import agem
 from configs import default
 
@@ -63,7 +63,7 @@ def _break(config, path, value):
 ])
 def test_invalid_config_is_one_line_exit_2_before_any_work(path, value, message, tmp_path, capsys):
   config = _break(_smoke(), path, value)
-  assert run.main(config, str(tmp_path / 'run')) == 2
+  assert cli.run(config, str(tmp_path / 'run')) == 2
   err = capsys.readouterr().err.strip()
   assert message in err and len(err.splitlines()) == 1 and err.startswith('error: ')
   assert not (tmp_path / 'run').exists()  # Refused before the workdir was even created.
@@ -74,14 +74,14 @@ def test_negative_penalty_strength_is_refused():
   config.strategy.names = ('ewc',)
   config.strategy.ewc.strength = -1.0
   with pytest.raises(ValueError, match='strategy.ewc.strength'):
-    configuration.validate(config)
+    validation.validate(config)
 
 
 def test_batch_not_divisible_by_devices_is_refused():
   config = default.get_config()
   config.train.batch_size = 6
   with pytest.raises(ValueError, match='batch_size=6 is not divisible by the 4 devices'):
-    configuration.validate(config, num_devices=4)
+    validation.validate(config, num_devices=4)
 
 
 def test_weights_of_another_architecture_are_refused_before_compute(tmp_path, capsys):
@@ -91,7 +91,7 @@ def test_weights_of_another_architecture_are_refused_before_compute(tmp_path, ca
   config.model.backbone = 'b0'
   config.model.image_size = 64
   config.model.pretrained = pretrained.default_weights_path('lite0')  # Lite0 weights for a B0 model.
-  assert run.main(config, str(tmp_path / 'run')) == 2
+  assert cli.run(config, str(tmp_path / 'run')) == 2
   err = capsys.readouterr().err.strip()
   assert 'missing key' in err and 'EfficientNet-b0' in err and len(err.splitlines()) == 1
   assert not (tmp_path / 'run').exists()

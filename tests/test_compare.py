@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from clflax import compare
+from clflax.reporting import compare
 
 STAGES = ["seg", "det", "cls"]
 BASELINE = {"seg": {"miou": 5.0}, "det": {"map": 2.0}, "cls": {"top1": 10.0}}

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 
 from clflax.data import coco_det
-from clflax.data import make_sample
+from tools import make_sample
 from clflax.data import pipeline
 from clflax.data import sources
 
@@ -93,7 +93,7 @@ def test_trainer_data_from_the_sample(cache):
   assert len(det) == 2 and [int(b['valid'].sum()) for b in det] == [6, 2]
   boxes = np.concatenate([b['boxes'][b['box_valid']] for b in det])
   assert len(boxes) and (boxes >= 0).all() and (boxes <= 32).all()
-  memory = data.memory_examples('cls')
+  memory = data.memory_examples('cls', 12)
   assert memory['image'].shape == (12, 32, 32, 3)
   assert np.bincount(memory['label'], minlength=10).max() <= 2  # Class-balanced.
   assert data.example_batches['cls']['label'].shape == (4,)
@@ -101,6 +101,6 @@ def test_trainer_data_from_the_sample(cache):
 
 def test_describe_data_names_the_full_data_dir():
   line = sources.describe_data('/data/full', {'voc_seg': 'VOCdevkit'})
-  assert line.startswith('data: /data/full') and 'seg=VOCdevkit' in line and 'det=mini_coco_det' in line
+  assert line.startswith('/data/full') and 'seg=VOCdevkit' in line and 'det=mini_coco_det' in line
   with pytest.raises(ValueError, match="unknown task 'depth'"):
     sources.task_folder('depth')

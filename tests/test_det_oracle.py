@@ -3,7 +3,8 @@ targets turned into perfect head outputs, decoding, and pycocotools must give ba
 import jax
 import jax.numpy as jnp
 
-from clflax import inputs
+from clflax.data import pipeline
+from clflax.data import inputs
 from clflax import tasks
 from clflax.models import heads
 from configs import naive
@@ -27,7 +28,7 @@ def _oracle_outputs(batch):
 def test_perfect_head_outputs_score_near_100_on_the_mini_coco_val_set(shared_data):
   config = naive.get_config()
   config.data_dir, config.tasks, config.model.image_size = str(shared_data), ('det',), 160
-  data = inputs.load(config)
+  data = pipeline.trainer_data(config)
   acc = tasks.new_accumulator('det')
   for batch in data.eval_batches['det']:
     outputs = tasks.eval_outputs('det', _oracle_outputs(batch), batch, max_detections=100)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from clflax import hugepages
+from clflax.runtime import hugepages
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 GLIBC = (2, 36)
@@ -57,7 +57,7 @@ def test_tunable_value_reads_one_entry_of_the_colon_separated_list():
 # Mallocs 64 MiB through libc (numpy would madvise huge pages itself) and reports what the kernel backed it with.
 _PROBE = '''
 import ctypes, json, os, re, sys
-from clflax import hugepages
+from clflax.runtime import hugepages
 if __name__ == '__main__':
   hugepages.ensure()
   libc = ctypes.CDLL(None)

@@ -55,12 +55,16 @@ def _batches(task, n, seed):
 def run_steps(names):
   """`_STEPS` steps of the cls head (A-GEM: with a seg memory); returns losses, params, sharding facts."""
   import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS in the subprocess)
-  from clflax import consolidate, optim, parallel, steps, train  # pylint: disable=g-import-not-at-top
+  from clflax.trainer import consolidate
+  from clflax.trainer import optim
+  from clflax.trainer import parallel
+  from clflax.trainer import steps
+  from clflax.trainer import setup  # pylint: disable=g-import-not-at-top
   from clflax.models import multitask  # pylint: disable=g-import-not-at-top
   from clflax.strategies import replay  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_disable_most_optimizations', True)
   config = _config(names)
-  model = train.build_model(config)
+  model = setup.build_model(config)
   variables = multitask.init_variables(model, jax.random.PRNGKey(0), _SIZE)
   tx = optim.make_tx(config, steps_per_epoch=10)
   state = optim.initial_state(config, variables, tx)

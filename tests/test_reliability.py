@@ -15,10 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fake_data import arrays as fake_arrays
-from clflax import checkpoints
-from clflax import inputs
-from clflax import run
-from clflax import steps
+from clflax.trainer import hooks
+from clflax.trainer import checkpoints
+from clflax.data import inputs
+from clflax import cli
+from clflax.trainer import steps
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SIZE, _BATCH, _STEPS, _EPOCHS = 32, 2, 3, 2
@@ -43,7 +44,7 @@ def _config(seed=0):
 
 
 def _load(config):
-  """Stands in for inputs.load: fixed random data (the seed only drives the model and the batch order)."""
+  """Fixed random data for the runs (the seed only drives the model and the batch order)."""
   train = {t: fake_arrays(t, _BATCH * _STEPS, i, _SIZE) for i, t in enumerate(config.tasks)}
   val = {t: fake_arrays(t, _BATCH, 10 + i, _SIZE) for i, t in enumerate(config.tasks)}
   return inputs.from_arrays(train, val, batch_size=_BATCH, eval_batch_size=_BATCH, seed=config.seed)
@@ -53,11 +54,6 @@ def _results(workdir):
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   return {k: results[k] for k in ('metrics', 'baseline', 'curves') if k in results}
-
-
-@pytest.fixture
-def fake_data(monkeypatch):
-  monkeypatch.setattr(inputs, 'load', _load)
 
 
 @pytest.fixture(scope='module')
@@ -72,9 +68,8 @@ def reference(tmp_path_factory):
     return real_step(*args, task=task, **kwargs)
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(inputs, 'load', _load)
     patch.setattr(steps, 'train_step', counting_step)
-    assert run.main(_config(), str(workdir)) == 0
+    assert cli.run(_config(), str(workdir), data=_load(_config())) == 0
   return _results(workdir), traces, workdir
 
 
@@ -86,11 +81,11 @@ def test_each_stage_traces_its_step_once(reference):
   assert {t: len(c) for t, c in curves.items()} == {'cls': _EPOCHS * _STEPS, 'seg': _EPOCHS * _STEPS}  # ...all ran.
 
 
-def test_resume_after_a_crash_at_every_point_is_exact(reference, fake_data, tmp_path, monkeypatch):
+def test_resume_after_a_crash_at_every_point_is_exact(reference, tmp_path, monkeypatch):
   # Stage 1 checkpoints after steps 2, 3 (epoch end), 4 and 6 (epoch end), then its snapshot; stage 2 likewise.
   # First a real SIGKILL of a subprocess mid-stage 1, after step 5: it resumes from step 4's checkpoint.
-  env = dict(os.environ, PYTHONPATH=str(_ROOT), JAX_PLATFORMS='cpu', **{checkpoints.FAULT_ENV: 'step:5'})
-  env.pop(checkpoints.FAULT_ACTION_ENV, None)
+  env = dict(os.environ, PYTHONPATH=str(_ROOT), JAX_PLATFORMS='cpu', **{hooks.FAULT_ENV: 'step:5'})
+  env.pop(hooks.FAULT_ACTION_ENV, None)
   killed = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, cwd=_ROOT, capture_output=True,
                           text=True, timeout=600, check=False)
   assert killed.returncode == -9, killed.stderr[-2000:]  # Died by SIGKILL: no cleanup, no flush.
@@ -102,23 +97,23 @@ def test_resume_after_a_crash_at_every_point_is_exact(reference, fake_data, tmp_
       'consolidate:1',     # After stage 2's Fisher / memory update, before its snapshot.
       'stage_save:1',      # Inside the write of stage 2's snapshot.
   ]
-  monkeypatch.setenv(checkpoints.FAULT_ACTION_ENV, 'raise')
+  monkeypatch.setenv(hooks.FAULT_ACTION_ENV, 'raise')
   for fault in faults:
-    monkeypatch.setenv(checkpoints.FAULT_ENV, fault)
-    with pytest.raises(checkpoints.SimulatedCrash, match=fault.split(':')[0]):
-      run.main(_config(), str(tmp_path))
-  monkeypatch.delenv(checkpoints.FAULT_ENV)
-  assert run.main(_config(), str(tmp_path)) == 0
+    monkeypatch.setenv(hooks.FAULT_ENV, fault)
+    with pytest.raises(hooks.SimulatedCrash, match=fault.split(':')[0]):
+      cli.run(_config(), str(tmp_path), data=_load(_config()))
+  monkeypatch.delenv(hooks.FAULT_ENV)
+  assert cli.run(_config(), str(tmp_path), data=_load(_config())) == 0
   assert (tmp_path / 'summary.md').exists()
   # Bitwise (JSON floats round-trip exactly): so also the same config and seed give the same results.
   assert _results(tmp_path) == reference[0]
 
 
-def test_nan_guard_stops_with_exit_3_and_keeps_only_finite_checkpoints(reference, fake_data, tmp_path, capsys):
+def test_nan_guard_stops_with_exit_3_and_keeps_only_finite_checkpoints(reference, tmp_path, capsys):
   config = _config(seed=1)  # Another seed: its stage 1 must differ from the reference's (determinism is seeded).
   config.strategy.names = ('naive',)  # The guard does not depend on the strategy; plain steps compile 3x faster.
   config.train.loss_weights.seg = 1e38  # Stage 1 (cls) trains normally; stage 2's loss overflows to inf.
-  assert run.main(config, str(tmp_path)) == 3
+  assert cli.run(config, str(tmp_path), data=_load(config)) == 3
   err = capsys.readouterr().err
   assert 'non-finite' in err and 'stage 2/2 (seg), step 1' in err and 'Traceback' not in err
   assert not (tmp_path / 'results.json').exists()
@@ -134,5 +129,4 @@ def test_nan_guard_stops_with_exit_3_and_keeps_only_finite_checkpoints(reference
 if __name__ == '__main__':  # The subprocess side of the SIGKILL test: the same run through run.main.
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update('jax_disable_most_optimizations', True)  # As conftest.py (its cache folder: the environment's).
-  inputs.load = _load
-  sys.exit(run.main(_config(), sys.argv[1]))
+  sys.exit(cli.run(_config(), sys.argv[1], data=_load(_config())))

@@ -6,7 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from clflax import report
+from clflax.reporting import plots
+from clflax.reporting import report
 
 NAN = float("nan")
 
@@ -190,7 +191,7 @@ def test_plots_write_pngs(tmp_path):
   curves = {s: (steps + 200 * k, np.exp(-steps / 50) * (k + 1) + 0.05 * rng.random(steps.size))
             for k, s in enumerate(["seg", "det", "cls"])}
   d = _results()
-  paths = report.write_plots(str(tmp_path), d, curves)
+  paths = plots.write_plots(str(tmp_path), d, curves)
   # Each metric belongs to one task here: one headline matrix, no sparse per-metric ones.
   assert [os.path.basename(p) for p in paths] == ["matrix_headline.png", "evolution.png", "loss_curves.png"]
   for p in paths:
@@ -198,10 +199,10 @@ def test_plots_write_pngs(tmp_path):
     assert w > 300 and h > 200
   many = np.tril(rng.uniform(0, 100, (17, 17)))
   names = [f"task {k}" for k in range(17)]
-  w, _ = _png_size(report.plot_matrix(str(tmp_path / "m17.png"), many, names, names, "17 tasks"))
+  w, _ = _png_size(plots.plot_matrix(str(tmp_path / "m17.png"), many, names, names, "17 tasks"))
   assert w > 1000  # the figure grows with the number of tasks
-  _png_size(report.plot_evolution(str(tmp_path / "e17.png"), {"acc": many}, names))
+  _png_size(plots.plot_evolution(str(tmp_path / "e17.png"), {"acc": many}, names))
   with pytest.raises(ValueError, match="row and"):
-    report.plot_matrix(str(tmp_path / "x.png"), many, names[:3], names, "bad")
+    plots.plot_matrix(str(tmp_path / "x.png"), many, names[:3], names, "bad")
   with pytest.raises(ValueError, match="steps but"):
-    report.plot_loss_curves(str(tmp_path / "x.png"), {"a": ([1, 2], [1.0])})
+    plots.plot_loss_curves(str(tmp_path / "x.png"), {"a": ([1, 2], [1.0])})

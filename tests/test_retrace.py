@@ -9,9 +9,10 @@ import jax
 import numpy as np
 
 from fake_data import arrays as fake_arrays
-from clflax import optim
-from clflax import steps
-from clflax import train
+from clflax.trainer import setup
+from clflax.trainer import optim
+from clflax.trainer import steps
+from clflax.trainer import train
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SIZE, _BATCH, _STEPS, _EPOCHS = 32, 2, 3, 2
@@ -37,7 +38,7 @@ def _config(names, tasks):
 def test_jitted_step_keeps_one_executable():
   """The state that comes out of a step goes back in without a new cache entry (types, shardings, weak types)."""
   config = _config(('naive',), ('cls',))
-  model = train.build_model(config)
+  model = setup.build_model(config)
   from clflax.models import multitask  # pylint: disable=g-import-not-at-top
   variables = multitask.init_variables(model, jax.random.PRNGKey(0), _SIZE)
   tx = optim.make_tx(config, steps_per_epoch=_STEPS)

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from clflax import optim
+from clflax.trainer import optim
 from configs import default
 
 

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from clflax.trainer import setup
 from clflax.strategies import mer
 
 S, K, M, D = 3, 4, 2, 3  # Batches, steps per batch, examples per step, inputs.
@@ -95,7 +96,9 @@ def test_bad_inputs_raise():
 @pytest.mark.parametrize('memory_filled', [False, True])
 def test_trainer_step_is_reptile_over_the_batch_and_memory_batches(memory_filled):
   """The trainer's MER step on the MLP against a Python loop of SGD steps with hand-written cross-entropy."""
-  from clflax import consolidate, steps, train  # pylint: disable=g-import-not-at-top
+  from clflax.trainer import consolidate
+  from clflax.trainer import steps
+  import optax  # pylint: disable=g-import-not-at-top
   from clflax.strategies import replay  # pylint: disable=g-import-not-at-top
   from configs import permuted_mnist  # pylint: disable=g-import-not-at-top
   config = permuted_mnist.get_config('mer,smoke')
@@ -103,7 +106,7 @@ def test_trainer_step_is_reptile_over_the_batch_and_memory_batches(memory_filled
   lr, beta, gamma, s = 0.2, 0.3, 0.7, 3
   config.train.learning_rate, config.strategy.mer.beta, config.strategy.mer.gamma = lr, beta, gamma
   config.strategy.mer.batches, config.strategy.mer.steps = s, 2
-  model = train.build_model(config)
+  model = setup.build_model(config)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))['params']
   rng = np.random.default_rng(0)
   batch = consolidate.with_valid({'image': rng.normal(size=(4, 784)).astype(np.float32),
@@ -115,9 +118,9 @@ def test_trainer_step_is_reptile_over_the_batch_and_memory_batches(memory_filled
   if memory_filled:
     memory = replay.append(memory, many)
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, {}, (), jax.random.PRNGKey(1))
-  new_state, _ = steps.mer_train_step(state, {k: jnp.asarray(v) for k, v in batch.items()},
-                                      steps.Context({steps.SHARED: memory}, {}), model=model, task='task2',
-                                      config=config)
+  new_state, _ = steps.train_step(state, {k: jnp.asarray(v) for k, v in batch.items()},
+                                  steps.Context({replay.SHARED: memory}, {}), model=model, tx=optax.identity(),
+                                  task='task2', earlier=('task1',), config=config)
 
   def ce(p, image, label):
     logits = model.apply({'params': p}, image)

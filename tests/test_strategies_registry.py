@@ -30,7 +30,7 @@ def _params():
 
 def test_default_config_fields():
   want = {
-      'names': ('agem',),
+      'names': ('naive',),
       'ewc': {'strength': 100., 'decay': 1.0, 'fisher': 'exact',
               'fisher_samples': 64},
       'agem': {'memory_per_task': 64, 'ref_batch': 16},
@@ -46,8 +46,9 @@ def test_default_config_fields():
       'mer': {'memory_per_task': 64, 'batches': 5, 'steps': 2, 'beta': 0.1, 'gamma': 1.0},
   }
   assert registry.default_config().to_dict() == want
-  assert registry.KNOWN == ('naive', 'ewc', 'agem', 'replay', 'lwf', 'si',
-                            'mas', 'l2', 'gem', 'der', 'tagem', 'packnet', 'mer', 'progressive')
+  # Chain order: the raw-gradient reader, penalties, projections, loss-side strategies, then the final masks.
+  assert registry.KNOWN == ('naive', 'si', 'ewc', 'mas', 'l2', 'agem', 'tagem', 'gem', 'replay', 'der', 'lwf',
+                            'mer', 'packnet', 'progressive')
 
 
 def test_every_combination_builds_in_order():

@@ -8,8 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from clflax import classic
-from clflax import steps
+from clflax.data import classic
+from clflax.models import classic as classic_models
+from clflax.trainer import steps
 from clflax.strategies import registry
 from clflax.strategies import tagem
 
@@ -209,8 +210,9 @@ def test_a_scanned_train_step_inserts_into_the_memory_in_place():
   strategy.names = ('tagem',)
   strategy.tagem.pools, strategy.tagem.clusters, strategy.tagem.per_cluster, strategy.tagem.ref_batch = pools, q, p, 4
   config = ml_collections.ConfigDict({'tasks': ('task1',), 'strategy': strategy,
-                                      'train': {'loss_weights': {'task1': 1.0}, 'balance_finetune_steps': 0}})
-  model = classic.ClassicNet(hidden=(5,), num_classes=pools)
+                                      'train': {'loss_weights': {'task1': 1.0}, 'balance_finetune_steps': 0,
+                                                'joint': False}})
+  model = classic_models.ClassicNet(hidden=(5,), num_classes=pools)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, dim)))['params']
   example = {'image': jnp.zeros((dim,)), 'label': jnp.zeros((), jnp.int32)}
   tx = registry.build_tx(strategy, optax.sgd(0.1), example=example)

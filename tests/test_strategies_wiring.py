@@ -11,10 +11,11 @@ import numpy as np
 import optax
 import pytest
 
-from clflax import classic
-from clflax import consolidate
-from clflax import run
-from clflax import steps
+from clflax.data import classic
+from clflax.models import classic as classic_models
+from clflax.trainer import consolidate
+from clflax import cli
+from clflax.trainer import steps
 from clflax.strategies import der
 from clflax.strategies import ewc
 from clflax.strategies import registry
@@ -55,11 +56,12 @@ def test_registry_accepts_and_validates_gem_and_der():
 
 
 def _setup(strategy):
-  model = classic.ClassicNet(hidden=(5,), num_classes=CLASSES)
+  model = classic_models.ClassicNet(hidden=(5,), num_classes=CLASSES)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, DIM)))['params']
   config = ml_collections.ConfigDict({'tasks': TASKS, 'strategy': strategy,
                                       'train': {'loss_weights': {t: 1.0 for t in TASKS},
-                                                'balance_finetune_steps': 0}})
+                                                'balance_finetune_steps': 0, 'balance_memory_per_task': 64,
+                                                'joint': False}})
   tx = registry.build_tx(strategy, optax.sgd(LR))
   state = steps.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), jax.random.PRNGKey(1))
   return model, config, tx, state
@@ -119,11 +121,11 @@ def test_gem_step_matches_plain_jax_and_brute_force_qp():
   want = _flat(state.params) - LR * (_flat(g) + task_g.T @ v)
 
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, task='task3', earlier=(), config=config))
-  shared = steps.Context({steps.SHARED: _shared_memory(blocks, 2)}, {})
+  shared = steps.Context({replay.SHARED: _shared_memory(blocks, 2)}, {})
   got, _ = step(state, batch, shared)
   np.testing.assert_allclose(_flat(got.params), want, rtol=1e-4, atol=1e-5)
   # Stage 2 (one filled block): the same compiled step, constrained by task 1 only.
-  step(state, batch, steps.Context({steps.SHARED: _shared_memory(blocks[:1], 1)}, {}))
+  step(state, batch, steps.Context({replay.SHARED: _shared_memory(blocks[:1], 1)}, {}))
   assert step._cache_size() == 1
   # Per-task memories (vision layout): one gradient per earlier task, the same update.
   per_task = {t: replay.append(replay.init(M, jax.tree.map(lambda x: x[0], b)), b) for t, b in zip(TASKS, blocks)}
@@ -142,7 +144,7 @@ def test_derpp_step_loss_matches_hand_computed():
   # Two filled blocks (2 M rows) and der.batch = 2 M: each replay term samples every stored row, in some order.
   blocks = [dict(b, **{der.LOGITS: rng.normal(size=(M, CLASSES)).astype(np.float32)})
             for b in (_examples(rng, M), _examples(rng, M))]
-  context = steps.Context({steps.SHARED: _shared_memory(blocks, 2)}, {})
+  context = steps.Context({replay.SHARED: _shared_memory(blocks, 2)}, {})
   stored = jax.tree.map(lambda *b: np.concatenate(b), *blocks)
 
   def hand_loss(params):
@@ -166,8 +168,8 @@ def test_consolidate_stores_der_logits_in_task_blocks():
   context = steps.Context(memories, {})
   short = {k: v for k, v in _examples(rng, 2).items() if k != 'valid'}  # Fewer than M: repeated to fill the block.
   for task in TASKS[:2]:
-    _, context = consolidate.consolidate(state, context, task, short, model=model, config=config)
-  memory = context.memories[steps.SHARED]
+    _, context = consolidate.consolidate(state, context, task, TASKS.index(task), short, model=model, config=config)
+  memory = context.memories[replay.SHARED]
   assert int(memory.size) == 2 * M
   rows = np.arange(2 * M) % 2
   np.testing.assert_array_equal(memory.data['image'][:2 * M], short['image'][np.r_[rows[:M], rows[:M]]])
@@ -186,7 +188,7 @@ def test_gem_derpp_tagem_and_mer_smoke_runs_beat_vanilla(shared_data, tmp_path):
   for name in ('vanilla', 'gem', 'derpp', 'tagem', 'mer'):
     config = permuted_mnist.get_config(f'{name},smoke')
     config.data_dir = str(shared_data)
-    assert run.main(config, str(tmp_path / name)) == 0
+    assert cli.run(config, str(tmp_path / name)) == 0
     scores[name] = _scores(tmp_path / name)
   for name in ('gem', 'derpp', 'tagem', 'mer'):
     assert scores[name][0] > scores['vanilla'][0], scores  # Final mean accuracy A_T.
@@ -195,19 +197,19 @@ def test_gem_derpp_tagem_and_mer_smoke_runs_beat_vanilla(shared_data, tmp_path):
 
 @pytest.mark.parametrize('name', ['tagem', 'mer', 'progressive'])
 def test_classic_only_strategies_are_refused_on_the_vision_stages(name):
-  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  from clflax.configs import validation  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config('smoke')
   config.strategy.names = (name,)
   with pytest.raises(ValueError, match='classic protocols only'):
-    configuration.validate(config)
+    validation.validate(config)
 
 
 @pytest.mark.parametrize('name,learned', [('packnet', 60), ('progressive', 40)])
 def test_task_aware_runs_keep_every_task_exactly_and_still_learn_each(shared_data, tmp_path, name, learned):
   config = permuted_mnist.get_config(f'{name},smoke')
   config.data_dir = str(shared_data)
-  assert run.main(config, str(tmp_path)) == 0
+  assert cli.run(config, str(tmp_path)) == 0
   with open(tmp_path / 'results.json') as f:
     matrix = np.asarray(json.load(f)['metrics']['acc'])
   for j in range(3):  # Each task tested with its own weights / column: later stages cannot change its score at all.
@@ -216,13 +218,13 @@ def test_task_aware_runs_keep_every_task_exactly_and_still_learn_each(shared_dat
 
 
 def test_packnet_is_refused_on_the_vision_stages_and_with_the_balancing_fine_tune():
-  from clflax import configuration  # pylint: disable=g-import-not-at-top
+  from clflax.configs import validation  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config('smoke')
   config.strategy.names = ('packnet',)
   with pytest.raises(ValueError, match='classic protocols only'):
-    configuration.validate(config)
+    validation.validate(config)
   config = permuted_mnist.get_config('packnet,smoke')
   config.train.balance_finetune_steps = 10
   with pytest.raises(ValueError, match='frozen weights'):
-    configuration.validate(config)
+    validation.validate(config)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from clu.metric_writers import interface
 
-from clflax import tracking
+from clflax.reporting import tracking
 
 
 class _Recorder(interface.MetricWriter):

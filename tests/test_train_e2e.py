@@ -4,14 +4,14 @@ import os
 
 import numpy as np
 
-from clflax import checkpoints
-from clflax import report
-from clflax import run
+from clflax.trainer import checkpoints
+from clflax.reporting import report
+from clflax import cli
 from configs import agem
 
 
 def _run(config, workdir):
-  assert run.main(config, str(workdir)) == 0
+  assert cli.run(config, str(workdir)) == 0
   with open(os.path.join(workdir, 'results.json')) as f:
     return json.load(f)
 

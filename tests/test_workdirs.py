@@ -5,7 +5,7 @@ import os
 import ml_collections
 import pytest
 
-from clflax import workdirs
+from clflax.trainer import workdirs
 
 
 def _config(lr=1e-3, names=('agem',)):

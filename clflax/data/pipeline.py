@@ -27,9 +27,9 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clflax.data import inputs
 from clflax.data import sources
 from clflax.data import transforms
-from clflax.strategies import registry
 
 TASKS = sources.TASKS
 MIN_AREA = {'seg': 0.3, 'det': 0.3, 'cls': 0.25}  # Smallest crop, as a fraction of the image area.
@@ -223,8 +223,7 @@ def sample_examples(task: str, source: Sequence[Any], n: int, seed: int, image_s
 
 
 def trainer_data(config, *, process_index: int | None = None, process_count: int | None = None):
-  """The `clflax.inputs.Data` of a config: per-process train sets, eval batches and memories."""
-  from clflax import inputs  # pylint: disable=g-import-not-at-top  (inputs imports this module)
+  """The `inputs.Data` of a config: per-process train sets, eval batches and memory examples."""
   index, count = _process(process_index, process_count)
   for name, size in (('batch_size', config.train.batch_size),
                      ('eval_batch_size', config.train.eval_batch_size)):
@@ -250,10 +249,10 @@ def trainer_data(config, *, process_index: int | None = None, process_count: int
         task, srcs[task][sources.eval_split(task)], batch_size=eval_batch,
         max_examples=config.eval.max_examples, **common, **shard)
 
-  def memory_examples(task: str, everything: bool = False) -> dict[str, np.ndarray]:
+  def memory_examples(task: str, count: int | None) -> dict[str, np.ndarray]:
     train = srcs[task]['train']
-    wanted = len(train) if everything else min(len(train), registry.examples_per_task(config.strategy))
-    return sample_examples(task, train, wanted, config.seed, size, class_balanced=task == 'cls' and not everything,
+    wanted = len(train) if count is None else min(len(train), max(count, 1))
+    return sample_examples(task, train, wanted, config.seed, size, class_balanced=task == 'cls' and count is not None,
                            max_boxes=data.max_boxes)
 
   return inputs.Data(

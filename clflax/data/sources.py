@@ -65,8 +65,13 @@ def describe_data(data_dir: str = '', data_cfg: Any = None) -> str:
   """One line: which data a run uses and how to point it at the full sets."""
   folders = ', '.join(f'{t}={task_folder(t, data_dir, data_cfg).name}' for t in TASKS)
   if not data_dir:
-    return (f'data: the small real sample bundled at {default_data_dir()} ({folders}; 32-40 train '
+    return (f'the small real sample bundled at {default_data_dir()} ({folders}; 32-40 train '
             '/ 8-10 val images per task, ~160 px); for the full sets pass '
             '--config.data_dir=/path (sub-folders: --config.data.voc_seg, .coco_det, .imagenette)')
   cache = _field(data_cfg, 'cache_dir', '') or builder_util.DEFAULT_CACHE_DIR
-  return f'data: {os.path.expanduser(data_dir)} ({folders}); prepared copies cached under {cache}'
+  return f'{os.path.expanduser(data_dir)} ({folders}); prepared copies cached under {cache}'
+
+
+def short_description(data_dir: str = '') -> str:
+  """'bundled sample' or the data folder, for the run's first console line."""
+  return os.path.expanduser(data_dir) if data_dir else 'the bundled sample (--config.data_dir=... for real data)'

@@ -3,13 +3,19 @@
 If the task gradient g would increase the average loss on the episodic memory
 (<g, r> < 0 for the memory's reference gradient r), project it onto the
 half-space where it does not: g - (<g, r> / <r, r>) r. The inner products run
-over ALL parameters as one flat vector, never leaf by leaf.
+over ALL parameters as one flat vector, never leaf by leaf. In the trainer the
+reference gradient is that of the mean loss of the earlier tasks' episodic
+memories (each through its own head), `ref_batch` examples of each.
 """
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from clflax.strategies import base
+from clflax.strategies import replay
 
 PyTree = Any
 
@@ -69,3 +75,31 @@ def agem() -> optax.GradientTransformationExtraArgs:
     return project(updates, ref_grads), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.memory_per_task = 64  # Episodic memory size kept per finished task.
+  c.ref_batch = 16  # Memory examples per task for the reference gradient.
+  return c
+
+
+def _validate(cfg, names, config=None):
+  del config
+  base.check_fields('agem', cfg, {'memory_per_task': {'positive': True, 'integer': True},
+                                  'ref_batch': {'positive': True, 'integer': True}})
+  if 'tagem' in names:
+    raise ValueError('strategy.names has both agem and tagem: TA-A-GEM is A-GEM with its own memory, pick one')
+
+
+def _update_args(cfg, ctx, params, key):
+  """The reference gradient on the memories (none before any task is stored: the identity)."""
+  if not replay.available(ctx):
+    return {}
+  return {'ref_grads': jax.grad(lambda p: replay.memory_loss(ctx, p, key, cfg.ref_batch))(params)}
+
+
+STRATEGY = base.Strategy(
+    name='agem', config=default_config, validate=_validate,
+    needs=lambda cfg: base.Needs(memory_per_task=cfg.memory_per_task),
+    transform=lambda cfg, stage: agem(), update_args=_update_args)

@@ -13,7 +13,9 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from clflax.strategies import base
 from clflax.strategies import replay
 
 PyTree = Any
@@ -133,3 +135,56 @@ def loss(logits: jax.Array, buffer_logits: jax.Array,
   if buffer_labels is None:
     raise ValueError('der: beta != 0 (DER++) needs buffer_labels')
   return total + beta * label_loss(logits, buffer_labels, mask)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.memory_per_task = 64  # Examples (with the model's logits at the end of their stage) kept per task.
+  c.batch = 8  # Memory examples per step for each replay term (per old task with per-task memories).
+  c.alpha = 0.3  # Weight of the MSE between current and stored logits (DER's distillation term).
+  c.beta = 0.0  # Weight of the memory labels' task loss: 0 = DER, > 0 = DER++.
+  return c
+
+
+def replay_terms(cfg, ctx, params, stored, head, key) -> jax.Array:
+  """alpha * MSE(outputs, stored outputs) + beta * task loss on memory examples of `head`, the two terms on two
+  independent samples as in the paper (beta = 0, DER: one sample only). Multi-output heads (detection) average the
+  MSE of their outputs."""
+
+  def sample_outputs(sample_key):
+    sample_key, drop_key = jax.random.split(sample_key)
+    batch, logits = split_logits(replay.sample(stored, sample_key, cfg.batch))
+    return batch, logits, ctx.apply(params, batch, head, drop_key)
+
+  logit_key, label_key = jax.random.split(key)
+  _, logits, outputs = sample_outputs(logit_key)
+  mse = jax.tree.leaves(jax.tree.map(logit_loss, outputs, logits))
+  total = cfg.alpha * sum(mse) / len(mse)
+  if cfg.beta:
+    batch, _, outputs = sample_outputs(label_key)
+    total += cfg.beta * ctx.loss(head, outputs, batch)[0]
+  return total
+
+
+def _loss_terms(cfg, ctx, params, key):
+  """DER / DER++ on the SHARED memory (zero while empty), or the loss-weighted mean over earlier tasks of their
+  memories' terms, each through its own head."""
+  if not replay.available(ctx):
+    return {}
+  if replay.SHARED in ctx.memories:
+    stored = ctx.memories[replay.SHARED]
+    value = jnp.where(replay.size(stored) > 0, replay_terms(cfg, ctx, params, stored, ctx.task, key), 0.0)
+    return {'der': value}
+  weights, total = ctx.config.train.loss_weights, 0.0
+  for head, head_key in zip(ctx.earlier, jax.random.split(key, len(ctx.earlier))):
+    total += weights[head] * replay_terms(cfg, ctx, params, ctx.memories[head], head, head_key)
+  return {'der': total / len(ctx.earlier)}
+
+
+STRATEGY = base.Strategy(
+    name='der', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'der', cfg, {'memory_per_task': {'positive': True, 'integer': True},
+                     'batch': {'positive': True, 'integer': True}, 'alpha': {}, 'beta': {}}),
+    needs=lambda cfg: base.Needs(memory_per_task=cfg.memory_per_task, memory_outputs=True),
+    loss_terms=_loss_terms)

@@ -10,9 +10,11 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from clflax.strategies import _quadratic
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -119,3 +121,49 @@ def running_fisher_tracker(decay: float = 0.9, every: int = 10) -> optax.Gradien
 
 def reset_running(state: RunningFisherState) -> RunningFisherState:
   return RunningFisherState(jax.tree.map(jnp.zeros_like, state.acc), jnp.zeros((), jnp.int32))
+
+
+FISHER_MODES = ('exact', 'running')
+CHUNK = 4  # Per-example gradients of this many examples at a time: bounded memory for big backbones.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.strength = 100.  # lambda: penalty 0.5 * lambda * sum F (theta - theta*)^2.
+  c.decay = 1.0  # Online EWC: F = decay * F_old + F_new (0 keeps the newest).
+  c.fisher = 'exact'  # 'exact' per-example Fisher, or 'running' (A-GEM authors').
+  c.fisher_samples = 64  # Examples of the finished task for the exact Fisher.
+  return c
+
+
+def _validate(cfg, names, config=None):
+  del names, config
+  base.check_fields('ewc', cfg, {'strength': {}, 'decay': {'upper': 1.0}, 'fisher': FISHER_MODES,
+                                 'fisher_samples': {'positive': True, 'integer': True}})
+
+
+def _transform(cfg, stage):
+  """The penalty; with the running estimator, its tracker first (it reads the gradient as it arrives)."""
+  del stage
+  penalty_tx = ewc(cfg.strength)
+  return optax.chain(running_fisher_tracker(), penalty_tx) if cfg.fisher == 'running' else penalty_tx
+
+
+def _end_stage(cfg, state, end):
+  """The finished task's Fisher (exact per-example on a sample, or the running estimate scaled to [0, 1]),
+  merged into the penalty's state around the current parameters."""
+  opt_state = state.opt_state
+  if cfg.fisher == 'running':  # Replaced each task, as the authors do.
+    fisher = normalize_fisher(base.find_state(opt_state, RunningFisherState).acc)
+    opt_state = base.replace_state(opt_state, RunningFisherState, reset_running)
+  else:
+    sample = jax.tree.map(lambda x: x[:cfg.fisher_samples], end.examples)
+    fisher = jax.jit(lambda p, b: fisher_diagonal(end.example_loss, p, b, chunk_size=CHUNK))(state.params, sample)
+  opt_state = base.replace_state(opt_state, EwcState, lambda s: consolidate(s, state.params, fisher, cfg.decay))
+  return state._replace(opt_state=opt_state)
+
+
+STRATEGY = base.Strategy(
+    name='ewc', config=default_config, validate=_validate,
+    needs=lambda cfg: base.Needs(examples=cfg.fisher_samples if cfg.fisher == 'exact' else 0),
+    transform=_transform, end_stage=_end_stage)

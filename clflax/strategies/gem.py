@@ -20,7 +20,11 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from clflax.strategies import base
+from clflax.strategies import replay
 
 PyTree = Any
 
@@ -215,3 +219,62 @@ def gem(margin: float = 0.0) -> optax.GradientTransformationExtraArgs:
     return project(updates, task_grads, margin, task_valid), state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.memory_per_task = 64  # Episodic memory size kept per finished task.
+  c.ref_batch_per_task = 16  # Memory examples of EACH earlier task for its gradient, every step.
+  c.margin = 0.5  # gamma: dual lower bound when a constraint is violated (GEM authors' MNIST value; 0 = exact).
+  return c
+
+
+def task_gradients(cfg, ctx, params, key):
+  """GEM's constraints: (each earlier task's memory-loss gradient stacked on a leading task axis, [T] valid).
+
+  Per-task memories (vision): one gradient per earlier task through its own head (T = len(earlier), fixed within
+  the stage's compiled step). SHARED memory (classic): T = the run's number of tasks, block k task k's memory, all
+  by one `lax.map` whatever the stage (one compilation); a block not yet filled skips its gradient (`lax.cond`).
+  """
+  def grad_on(batch, head, drop_key):
+    return jax.grad(lambda p: ctx.loss(head, ctx.apply(p, batch, head, drop_key), batch)[0])(params)
+
+  if replay.SHARED in ctx.memories:
+    blocks, filled = replay.task_blocks(ctx.memories[replay.SHARED], len(ctx.config.tasks))
+    rows = min(cfg.memory_per_task, jax.tree.leaves(blocks)[0].shape[1])  # GEM's share if others keep more.
+    n = min(cfg.ref_batch_per_task, rows)
+
+    def one(inputs):
+      block, ok, task_key = inputs
+      pick_key, drop_key = jax.random.split(task_key)
+      block = jax.tree.map(lambda d: d[:rows], block)
+      if n < rows:  # Without replacement: the n rows with the largest uniform scores.
+        _, pick = jax.lax.top_k(jax.random.uniform(pick_key, (rows,)), n)
+        block = jax.tree.map(lambda d: d[pick], block)
+      return jax.lax.cond(ok, lambda: grad_on(block, ctx.task, drop_key),
+                          lambda: jax.tree.map(jnp.zeros_like, params))
+
+    return jax.lax.map(one, (blocks, filled, jax.random.split(key, filled.shape[0]))), filled
+  grads, valid = [], []
+  for head, head_key in zip(ctx.earlier, jax.random.split(key, len(ctx.earlier))):
+    sample_key, drop_key = jax.random.split(head_key)
+    stored = ctx.memories[head]
+    grads.append(grad_on(replay.sample(stored, sample_key, cfg.ref_batch_per_task), head, drop_key))
+    valid.append(replay.size(stored) > 0)
+  return jax.tree.map(lambda *g: jnp.stack(g), *grads), jnp.stack(valid)
+
+
+def _update_args(cfg, ctx, params, key):
+  if not replay.available(ctx):
+    return {}
+  task_grads, task_valid = task_gradients(cfg, ctx, params, key)
+  return {'task_grads': task_grads, 'task_valid': task_valid}
+
+
+STRATEGY = base.Strategy(
+    name='gem', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'gem', cfg, {'memory_per_task': {'positive': True, 'integer': True},
+                     'ref_batch_per_task': {'positive': True, 'integer': True}, 'margin': {}}),
+    needs=lambda cfg: base.Needs(memory_per_task=cfg.memory_per_task),
+    transform=lambda cfg, stage: gem(cfg.margin), update_args=_update_args)

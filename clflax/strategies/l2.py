@@ -6,9 +6,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from clflax.strategies import _quadratic
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -38,3 +40,17 @@ def consolidate(state: L2State, params: PyTree) -> L2State:
   """Re-anchors at params and switches the penalty on."""
   del state
   return L2State(anchor=params, active=jnp.ones((), jnp.float32))
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.strength = 0.01  # Uniform pull towards the previous task's weights.
+  return c
+
+
+STRATEGY = base.Strategy(
+    name='l2', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields('l2', cfg, {'strength': {}}),
+    transform=lambda cfg, stage: l2(cfg.strength),
+    end_stage=lambda cfg, state, end: state._replace(opt_state=base.replace_state(
+        state.opt_state, L2State, lambda s: consolidate(s, state.params))))

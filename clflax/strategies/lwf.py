@@ -5,11 +5,17 @@ previous model (the teacher), are targets for the current model. Both losses
 use the KL form: equal to Hinton's soft-target cross-entropy minus the
 teacher's entropy (same gradient), so the loss is exactly 0 when the logits
 match the teacher. Scaled by T^2 to keep gradient size independent of T.
+In the trainer the teacher is the model after the previous stage, and every
+earlier head is distilled on the incoming batch (each task kind says how:
+`clflax.tasks`).
 """
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from clflax.strategies import base
 
 
 def _masked_mean(per_example: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
@@ -67,3 +73,29 @@ def binary_distillation_loss(logits: jax.Array, teacher_logits: jax.Array,
   kl = (p * (jax.nn.log_sigmoid(t) - jax.nn.log_sigmoid(s))
         + (1 - p) * (jax.nn.log_sigmoid(-t) - jax.nn.log_sigmoid(-s)))
   return temperature ** 2 * _masked_mean(jnp.sum(kl, axis=-1), mask)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.temperature = 2.0  # Distillation temperature T (loss scaled by T^2).
+  c.weight = 1.0  # Weight of the distillation loss of the old heads.
+  return c
+
+
+def _loss_terms(cfg, ctx, params, key):
+  """The mean over earlier heads of their distillation loss on the incoming batch."""
+  if not ctx.earlier:
+    return {}
+  total = 0.0
+  for head in ctx.earlier:
+    student = ctx.apply(params, ctx.batch, head, key)
+    teacher = ctx.apply_frozen(ctx.teacher, ctx.batch, head)
+    total += ctx.distill(head, student, teacher, cfg.temperature)
+  return {'lwf': cfg.weight * total / len(ctx.earlier)}
+
+
+STRATEGY = base.Strategy(
+    name='lwf', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'lwf', cfg, {'temperature': {'positive': True}, 'weight': {}}),
+    needs=lambda cfg: base.Needs(teacher=True), loss_terms=_loss_terms)

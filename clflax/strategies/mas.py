@@ -8,9 +8,11 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from clflax.strategies import _quadratic
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -64,3 +66,28 @@ def consolidate(state: MasState, params: PyTree, importance: PyTree,
   return MasState(importance=_quadratic.merge(state.importance, importance,
                                               decay),
                   anchor=params)
+
+
+CHUNK = 4  # Per-example gradients of this many examples at a time.
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.strength = 1.0  # lambda of the MAS penalty.
+  c.samples = 64  # Examples of the finished task for the importance.
+  return c
+
+
+def _end_stage(cfg, state, end):
+  sample = jax.tree.map(lambda x: x[:cfg.samples], end.examples)
+  omega = jax.jit(lambda p, b: importance(end.example_outputs, p, b, chunk_size=CHUNK))(state.params, sample)
+  opt_state = base.replace_state(state.opt_state, MasState, lambda s: consolidate(s, state.params, omega))
+  return state._replace(opt_state=opt_state)
+
+
+STRATEGY = base.Strategy(
+    name='mas', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'mas', cfg, {'strength': {}, 'samples': {'positive': True, 'integer': True}}),
+    needs=lambda cfg: base.Needs(examples=cfg.samples),
+    transform=lambda cfg, stage: mas(cfg.strength), end_stage=_end_stage)

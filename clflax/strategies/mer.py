@@ -15,6 +15,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from clflax.strategies import base
+from clflax.strategies import replay
 
 PyTree = Any
 
@@ -90,3 +94,45 @@ def mer_batches(current: PyTree, memory: PyTree) -> PyTree:
     c = jnp.broadcast_to(c, (m.shape[0],) + c.shape)
     return jnp.concatenate([c.astype(m.dtype), m], axis=1)
   return jax.tree.map(join, current, memory)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()  # The Reptile form; its own update.
+  c.memory_per_task = 64  # Episodic memory kept per finished task.
+  c.batches = 5  # s: Reptile batches per incoming batch.
+  c.steps = 2  # k: SGD steps per Reptile batch: the incoming batch, then k - 1 memory batches of its size.
+  c.beta = 0.1  # Within-batch Reptile rate (1 = plain SGD through the batch).
+  c.gamma = 1.0  # Across-batch Reptile rate.
+  return c
+
+
+def _validate(cfg, names, config=None):
+  positive = {'positive': True, 'integer': True}
+  base.check_fields('mer', cfg, {'memory_per_task': positive, 'batches': positive, 'steps': positive,
+                                 'beta': {'positive': True}, 'gamma': {'positive': True}})
+  base.require_alone('mer', names, 'mer replaces the optimizer step')
+  if config is not None:
+    base.require_classic('mer', config, 's x k SGD steps per incoming batch')
+
+
+def _replace_update(cfg, ctx, params, key):
+  """MER's update of one incoming batch: s Reptile batches, each an SGD step on the batch then k - 1 steps on memory
+  batches of its size (plain SGD at `train.learning_rate`; the optax chain is not used). While the memory is empty
+  its batches weigh nothing (their steps are no-ops). The SHARED memory of the classic protocols is filled at the
+  end of each stage (not by reservoir over the stream, as in the paper)."""
+  sample_key, drop_key = jax.random.split(key)
+  stored = ctx.memories[replay.SHARED]
+  s, k, n = cfg.batches, cfg.steps, ctx.batch['valid'].shape[0]
+  drawn = replay.sample(stored, sample_key, s * max(k - 1, 1) * n)
+  drawn = dict(drawn, valid=jnp.logical_and(drawn['valid'], replay.size(stored) > 0))
+  drawn = jax.tree.map(lambda x: x.reshape((s, max(k - 1, 1), n) + x.shape[1:])[:, :k - 1], drawn)
+  batches = mer_batches(jax.tree.map(lambda x: x[None], ctx.batch), drawn)
+  loss_fn = lambda p, b: ctx.loss(ctx.task, ctx.apply(p, b, ctx.task, drop_key), b)[0]  # noqa: E731 (one mask)
+  loss = loss_fn(params, ctx.batch)
+  params = mer_step(params, loss_fn, batches, ctx.config.train.learning_rate, cfg.beta, cfg.gamma)
+  return params, {'ce': loss, 'total': loss}
+
+
+STRATEGY = base.Strategy(name='mer', config=default_config, validate=_validate,
+                         needs=lambda cfg: base.Needs(memory_per_task=cfg.memory_per_task),
+                         replace_update=_replace_update)

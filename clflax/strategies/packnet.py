@@ -26,7 +26,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
+
+from clflax.strategies import base
 
 PyTree = Any
 FREE = -1
@@ -127,7 +130,7 @@ def packnet() -> optax.GradientTransformationExtraArgs:
   """Zeroes the updates of every weight the current task does not own.
 
   Initially task 0 owns every weight (plain training); call `start_task`
-  (through `registry.replace_state`) to restrict task 0 to some weights or
+  (through `base.replace_state`) to restrict task 0 to some weights or
   to begin a later task, and `prune` between training and retraining.
   Put it LAST in the chain. `update(updates, state, params=None, **extra)`.
   """
@@ -143,3 +146,40 @@ def packnet() -> optax.GradientTransformationExtraArgs:
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()  # Task-specific weights at inference.
+  c.prune_fraction = 0.75  # Fraction of each task's weights per layer freed for later tasks after its stage.
+  c.retrain_epochs = 1  # Epochs of retraining the kept weights after pruning.
+  return c
+
+
+def _validate(cfg, names, config=None):
+  base.check_fields('packnet', cfg, {'prune_fraction': {'below': 1.0}, 'retrain_epochs': {'integer': True}})
+  if config is not None:
+    base.require_classic('packnet', config, "the vision backbone's batch-norm statistics are shared by every "
+                         "task, so its per-task weights would not give back each task's function")
+    if config.train.balance_finetune_steps:
+      raise ValueError("invalid config: config.train.balance_finetune_steps with packnet: the fine-tune would move "
+                       "every task's frozen weights")
+
+
+def _finish_training(cfg, state, stage):
+  """After stage `stage` trained: frees the `prune_fraction` smallest of its weights per layer (zeroed); the
+  trainer then retrains the kept ones for `retrain_epochs` more epochs."""
+  owners = base.find_state(state.opt_state, PackNetState).owners
+  params, owners = prune(state.params, owners, stage, cfg.prune_fraction)
+  opt_state = base.replace_state(state.opt_state, PackNetState, lambda s: s._replace(owners=owners))
+  return state._replace(params=params, opt_state=opt_state), cfg.retrain_epochs
+
+
+STRATEGY = base.Strategy(
+    name='packnet', config=default_config, validate=_validate,
+    transform=lambda cfg, stage: packnet(), phase='update',  # Last: momentum or weight decay must not move a
+    # frozen weight either.
+    start_stage=lambda cfg, state, stage: state._replace(opt_state=base.replace_state(
+        state.opt_state, PackNetState, lambda s: start_task(s, stage))),
+    finish_training=_finish_training,
+    eval_params=lambda cfg, params, opt_state, stage: task_params(
+        params, base.find_state(opt_state, PackNetState).owners, stage))

@@ -22,6 +22,9 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -208,3 +211,71 @@ def sample(buffer: Buffer, key: jax.Array, n: int) -> PyTree:
   idx = jnp.where(n <= total, without, with_)
   idx = jnp.where(total > 0, idx, 0)
   return jax.tree.map(lambda d: d[idx], buffer.data)
+
+
+
+# How the compiled step reads the episodic memories of finished tasks (`StepContext.memories`). Two layouts, chosen
+# by the trainer: per task (vision), `memories[task]` is a ReplayBuffer of that task's examples, read through the
+# task's own head and empty until its stage ends; SHARED (classic protocols: one head, one example shape), one buffer
+# for all tasks filled in stage order with exactly m rows per task, so rows k*m..(k+1)*m hold task k (`task_blocks`).
+# With DER each example also carries the model's outputs at the end of its stage (`der.LOGITS`).
+SHARED = 'shared'  # `memories` key of the one buffer that tasks with a common head share.
+
+
+def available(ctx) -> bool:
+  """Whether the step may learn from a memory at all (static: earlier tasks exist, or one shared buffer)."""
+  return bool(ctx.earlier) or SHARED in ctx.memories
+
+
+def sample_loss(ctx, params, memory, head, key, batch_size: int) -> jax.Array:
+  """`head`'s loss on `batch_size` examples drawn from `memory` (without replacement when it holds enough)."""
+  sample_key, drop_key = jax.random.split(key)
+  batch = sample(memory, sample_key, batch_size)
+  return ctx.loss(head, ctx.apply(params, batch, head, drop_key), batch)[0]
+
+
+def memory_loss(ctx, params, key, batch_size: int, heads=None) -> jax.Array:
+  """Loss on memory batches. Per-task memories: the mean over `heads` (default: the earlier tasks) of each one's
+  loss-weighted loss on `batch_size` of its examples, through its own head. SHARED: `batch_size` examples drawn
+  from all tasks stored so far, through the current head; zero while the buffer is empty."""
+  if SHARED in ctx.memories:
+    memory = ctx.memories[SHARED]
+    return jnp.where(size(memory) > 0, sample_loss(ctx, params, memory, ctx.task, key, batch_size), 0.0)
+  heads = ctx.earlier if heads is None else heads
+  weights = ctx.config.train.loss_weights
+  total = 0.0
+  for head, head_key in zip(heads, jax.random.split(key, len(heads))):
+    total += weights[head] * sample_loss(ctx, params, ctx.memories[head], head, head_key, batch_size)
+  return total / len(heads)
+
+
+def task_blocks(memory: ReplayBuffer, num_tasks: int):
+  """The SHARED buffer as [T, m, ...] blocks (task k's memory in block k) and a [T] flag of the filled ones."""
+  capacity = jax.tree.leaves(memory.data)[0].shape[0]
+  if capacity % num_tasks:
+    raise ValueError(f'the shared memory holds {capacity} rows, not {num_tasks} equal task blocks')
+  m = capacity // num_tasks
+  blocks = jax.tree.map(lambda d: d.reshape((num_tasks, m) + d.shape[1:]), memory.data)
+  return blocks, memory.size >= (jnp.arange(num_tasks) + 1) * m
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.memory_per_task = 64  # Examples kept of each finished task.
+  c.batch = 8  # Memory examples replayed per step (per old task).
+  c.weight = 1.0  # Weight of the replayed loss relative to the task loss.
+  return c
+
+
+def _loss_terms(cfg, ctx, params, key):
+  """Experience replay: the loss of memory batches of the earlier tasks, through their own heads."""
+  if not available(ctx):
+    return {}
+  return {'replay': cfg.weight * memory_loss(ctx, params, key, cfg.batch)}
+
+
+STRATEGY = base.Strategy(
+    name='replay', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'replay', cfg, {'memory_per_task': {'positive': True, 'integer': True},
+                        'batch': {'positive': True, 'integer': True}, 'weight': {}}),
+    needs=lambda cfg: base.Needs(memory_per_task=cfg.memory_per_task), loss_terms=_loss_terms)

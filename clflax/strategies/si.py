@@ -23,9 +23,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from clflax.strategies import _quadratic
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -101,3 +103,20 @@ def consolidate(state: SiState, params: PyTree) -> SiState:
   zeros = jax.tree.map(jnp.zeros_like, omega)
   return SiState(importance=importance, anchor=params, omega=zeros,
                  prev_params=params, prev_grads=zeros, damping=state.damping)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.strength = 0.1  # Penalty strength (2c in Zenke et al.'s notation).
+  c.damping = 0.1  # xi in Omega = omega / (delta^2 + xi).
+  c.max_stiffness = 0.0  # Cap on strength * Omega per parameter (0: none); 1/lr keeps plain SGD stable.
+  return c
+
+
+STRATEGY = base.Strategy(
+    name='si', config=default_config,
+    validate=lambda cfg, names, config=None: base.check_fields(
+        'si', cfg, {'strength': {}, 'damping': {'positive': True}, 'max_stiffness': {}}),
+    transform=lambda cfg, stage: si(cfg.strength, cfg.damping, cfg.max_stiffness),
+    end_stage=lambda cfg, state, end: state._replace(opt_state=base.replace_state(
+        state.opt_state, SiState, lambda s: consolidate(s, state.params))))

@@ -28,9 +28,11 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from clflax.strategies import agem
+from clflax.strategies import base
 
 PyTree = Any
 
@@ -267,3 +269,44 @@ def tagem(num_pools: int, q: int, p: int, example: PyTree) -> optax.GradientTran
     return updates, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()  # One class label per example.
+  c.pools = 10  # One pool per class label (labels outside [0, pools) are never stored).
+  c.clusters = 4  # Q: clusters per pool.
+  c.per_cluster = 4  # P: samples per cluster (the oldest leaves first).
+  c.ref_batch = 16  # Memory examples (from all pools) for the reference gradient.
+  return c
+
+
+def _validate(cfg, names, config=None):
+  positive = {'positive': True, 'integer': True}
+  base.check_fields('tagem', cfg, {'pools': positive, 'clusters': positive, 'per_cluster': positive,
+                                   'ref_batch': positive})
+  if config is not None:
+    base.require_classic('tagem', config, 'it pools examples by their class label')
+
+
+def _transform(cfg, stage):
+  if stage.example is None:
+    raise ValueError('tagem needs Stage.example (one training example) to shape its memory')
+  return tagem(cfg.pools, cfg.clusters, cfg.per_cluster, stage.example)
+
+
+def _update_args(cfg, ctx, params, key):
+  """The reference gradient on the clustering memory (all pools, the current task's included; zero while empty)
+  and this step's offer to the memory."""
+  stored = base.find_state(ctx.opt_state, TagemState).memory
+  sample_key, drop_key, offer_key = jax.random.split(key, 3)
+  ref_batch, _ = sample(stored, sample_key, cfg.ref_batch)
+  ref_batch = dict(ref_batch, valid=jnp.ones((cfg.ref_batch,), bool))
+  ref_loss = lambda p: ctx.loss(ctx.task, ctx.apply(p, ref_batch, ctx.task, drop_key), ref_batch)[0]  # noqa: E731
+  filled = size(stored) > 0
+  ref_grads = jax.tree.map(lambda g: jnp.where(filled, g, 0.0), jax.grad(ref_loss)(params))
+  offer = {k: v for k, v in ctx.batch.items() if k != 'valid'}
+  return {'ref_grads': ref_grads, 'memory_batch': (offer, ctx.batch['label'], offer_key, ctx.batch['valid'])}
+
+
+STRATEGY = base.Strategy(name='tagem', config=default_config, validate=_validate, transform=_transform,
+                         update_args=_update_args)

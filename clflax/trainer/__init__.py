@@ -1,0 +1,1 @@
+"""The continual trainer: setup, stages, steps, optimizer, consolidation, evaluation, checkpoints, workdirs."""

@@ -1,0 +1,115 @@
+"""Workdir safety: a workdir belongs to one config; a different config never resumes or overwrites it."""
+import contextlib
+import fcntl
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = 'config.json'
+LOCK_FILE = '.lock'
+# Config fields added after runs were already being recorded, with the value that reproduces the behaviour from before
+# the field existed: a saved config without the field resumes when the field has this value (and only then).
+ADDED_FIELDS = {
+    'train.backbone_lr_scale': 1.0,  # One learning rate for the whole network.
+    'train.flatten_optimizer': False,  # The optimizer on the parameter tree as it is.
+    'strategy.si.max_stiffness': 0.0,  # SI's penalty uncapped.
+    'train.joint': False,  # Continual stages.
+    'model.frozen_bn': False,  # Batch norm in training mode.
+    'model.det_image_head': False,  # Image-level scores from the heatmap.
+    'train.image_label_weight': 1.0,  # (Read only with the image-level branch.)
+    'model.cls_head_init': 'random',  # A fresh classification head.
+    'model.shared_neck': True,  # One FPN neck for seg and det.
+    'train.balance_memory_per_task': 64,  # (Was strategy.replay.memory_per_task, 64 by default.)
+}
+
+
+def flatten(config: ml_collections.ConfigDict | dict) -> dict:
+  """Dotted-key view of a config, JSON-normalised (tuples become lists) so saved and live configs compare."""
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  flat = {}
+
+  def visit(prefix, node):
+    if isinstance(node, dict):
+      for key, value in node.items():
+        visit(f'{prefix}.{key}' if prefix else str(key), value)
+    else:
+      flat[prefix] = node
+
+  visit('', json.loads(json.dumps(tree)))
+  return flat
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+  """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only).
+
+  A key in ADDED_FIELDS that the saved config lacks counts as saved with its behaviour-preserving value; the
+  settings of a strategy active in neither config (`strategy.<name>.*`, e.g. a section added by newer code) do not
+  count: they change nothing the run does.
+  """
+  missing = object()
+  lines = []
+  active = set(saved.get('strategy.names') or ()) | set(current.get('strategy.names') or ())
+  for key in sorted(set(saved) | set(current)):
+    parts = key.split('.')
+    if len(parts) > 2 and parts[0] == 'strategy' and parts[1] not in active:
+      continue
+    old, new = saved.get(key, ADDED_FIELDS.get(key, missing)), current.get(key, missing)
+    if old != new:
+      show = lambda v: '(absent)' if v is missing else repr(v)  # noqa: E731
+      lines.append(f'{key}: {show(old)} -> {show(new)}')
+  return lines
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False) -> str:
+  """Returns the workdir to use, recording the config there; refuses a workdir that holds a different run.
+
+  With `fresh=True` a conflicting workdir is left untouched and the run starts in the first free `run_<n>` subfolder.
+  """
+  current = flatten(config)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        saved = flatten(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f'{path} is unreadable ({e}); use another --workdir') from e
+    differences = config_diff(saved, current)
+    if differences:
+      if not fresh:
+        raise ValueError(
+            f'workdir {workdir} holds a run with a different config ({"; ".join(differences)}); '
+            'use another --workdir, or --fresh to start in a new subfolder')
+      index = 1
+      while True:  # The first run_<n> that holds this same config (resume it) or nothing yet (start it).
+        candidate = os.path.join(workdir, f'run_{index}')
+        try:
+          return prepare(candidate, config)
+        except ValueError:
+          index += 1
+    return workdir
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+  return workdir
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds an exclusive lock on `workdir` for the block: a second process on the same run fails in one line.
+
+  An OS file lock (flock): the kernel drops it when its process dies, even by SIGKILL, so a crashed run never
+  leaves a stale lock behind.
+  """
+  f = open(os.path.join(workdir, LOCK_FILE), 'a+')  # pylint: disable=consider-using-with
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise ValueError(f'workdir {workdir} is in use by another running process; wait for it, or use another '
+                       '--workdir') from e
+    yield
+  finally:
+    f.close()  # Closing releases the lock.

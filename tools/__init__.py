@@ -1,0 +1,1 @@
+"""Repository tools outside the package: result tables over seeds, the bundled-sample maker, peer benchmarks."""
