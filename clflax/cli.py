@@ -67,9 +67,30 @@ class _Plain(logging.Formatter):
 
 
 def quiet_environment(environ=os.environ) -> None:
-  """Before TensorFlow, XLA and TFDS load: their C++ INFO lines off (oneDNN notices, absl's pre-init warning)."""
+  """Before TensorFlow, XLA and TFDS load: fewer of their C++ INFO lines."""
   environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (clu's TensorBoard writer needs it) with the C++ lines it writes straight to the process's
+  stderr while loading (absl's "All log messages before absl::InitializeLog()" warning, oneDNN notices) held back;
+  shown only if the import fails. TensorFlow 2.21 ignores TF_CPP_MIN_LOG_LEVEL for them."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile(mode='w+b') as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      os.dup2(saved, 2)
+      held.seek(0)
+      sys.stderr.write(held.read().decode(errors='replace'))
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def configure_console(verbose: bool) -> None:
@@ -193,7 +214,10 @@ def _main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None:
     raise app.UsageError('--config is required, e.g. --config configs/agem.py')
-  configure_console(verbose=flags.FLAGS.verbosity >= 1)
+  verbose = flags.FLAGS.verbosity >= 1
+  configure_console(verbose)
+  if not verbose:
+    import_tensorflow_quietly()
   config_arg = config_flags.get_config_filename(flags.FLAGS['config'])
   try:
     config = _CONFIG.value

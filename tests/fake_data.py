@@ -16,3 +16,13 @@ def arrays(task: str, n: int, seed: int, size: int) -> dict:
   else:
     out['label'] = rng.integers(0, 10, n).astype(np.int32)
   return out
+
+
+def digits(n: int, seed: int, classes: int = 10, dim: int = 32, noise: float = 0.05) -> dict:
+  """`n` separable fake digits: float32 [n, dim] images in [0, 1] around one fixed prototype per class (the same
+  prototypes for every seed), int32 labels."""
+  prototypes = np.random.default_rng(1234).uniform(0, 1, (classes, dim))
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, classes, n)
+  images = np.clip(prototypes[labels] + rng.normal(0, noise, (n, dim)), 0, 1)
+  return {'image': images.astype(np.float32), 'label': labels.astype(np.int32)}

@@ -65,7 +65,7 @@ def test_balance_step_is_sgd_on_the_mean_of_every_tasks_memory_loss():
 def test_balancing_fine_tune_recovers_forgotten_tasks_and_reports_both_rows(shared_data, tmp_path):
   config = permuted_mnist.get_config('vanilla,smoke')
   config.data_dir = str(shared_data)
-  config.strategy.replay.memory_per_task = 100  # The memories the fine-tune trains on.
+  config.train.balance_memory_per_task = 100  # The memories the fine-tune trains on.
   config.train.balance_finetune_steps = 200
   config.train.log_every_steps = 50
   assert cli.run(config, str(tmp_path)) == 0

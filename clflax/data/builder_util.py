@@ -6,6 +6,7 @@ Every builder reads a local source folder (nothing is downloaded), writes `array
 raise a ValueError naming the file, or with `skip_bad=True` are skipped, counted, stored in the
 dataset's metadata (`info.metadata['skipped']`) and logged as one line at the end.
 """
+import contextlib
 import hashlib
 import io
 import pathlib
@@ -135,9 +136,15 @@ def prepare(builder_cls: type[SourceFolderBuilder], source_dir: str | pathlib.Pa
                         data_dir=cache_path(cache_dir, source), file_format='array_record')
   reused = (builder.data_path / 'dataset_info.json').exists()
   start = time.perf_counter()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-  logging.info('%s: %s %s in %.1f s at %s', builder.name, 'reused' if reused else 'prepared',
-               source, time.perf_counter() - start, builder.data_dir)
+  chatter = io.StringIO()  # TFDS prints its progress bars and banners: kept out of the run's console.
+  with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  if chatter.getvalue().strip():
+    logging.debug('%s: TFDS output while preparing:\n%s', builder.name, chatter.getvalue())
+  splits = ' / '.join(f'{info.num_examples} {name}' for name, info in sorted(builder.info.splits.items(),
+                                                                               key=lambda kv: kv[0] != 'train'))
+  logging.info('%s: %s %s examples from %s in %.1f s (%s)', builder.name, 'reused' if reused else 'prepared',
+               splits, source, time.perf_counter() - start, builder.data_dir)
   for split in builder.info.splits:
     summary = skip_summary(builder.info.metadata, split)
     if summary and not skip_bad:

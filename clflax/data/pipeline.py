@@ -114,7 +114,7 @@ def det_target_stats(source: Sequence[Any], max_boxes: int) -> dict[str, int] | 
 
 def _log_det_stats(source, max_boxes: int) -> None:
   stats = det_target_stats(source, max_boxes)
-  if stats:
+  if stats and stats['boxes_dropped']:
     logging.info('det %s: %d crowd boxes excluded from targets; %d images have more than %d boxes '
                  '(%d smallest dropped)', getattr(source, 'split', ''), stats['num_crowd'],
                  stats['images_over_max'], max_boxes, stats['boxes_dropped'])

@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from clflax.strategies import base
-from clflax.strategies import replay
+from clflax.strategies import memory
 
 PyTree = Any
 
@@ -94,9 +94,9 @@ def _validate(cfg, names, config=None):
 
 def _update_args(cfg, ctx, params, key):
   """The reference gradient on the memories (none before any task is stored: the identity)."""
-  if not replay.available(ctx):
+  if not memory.available(ctx):
     return {}
-  return {'ref_grads': jax.grad(lambda p: replay.memory_loss(ctx, p, key, cfg.ref_batch))(params)}
+  return {'ref_grads': jax.grad(lambda p: memory.memory_loss(ctx, p, key, cfg.ref_batch))(params)}
 
 
 STRATEGY = base.Strategy(

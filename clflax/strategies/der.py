@@ -1,6 +1,6 @@
 """Dark Experience Replay, DER and DER++ (Buzzega et al. 2020).
 
-The replay buffer (`replay.ReplayBuffer`, reservoir sampling) also stores the
+The replay buffer (`memory.ReplayBuffer`, reservoir sampling) also stores the
 network's logits at the time each example was seen. Replaying them is a
 distillation towards the whole past trajectory:
   DER:   loss = task loss + alpha * MSE(f(x_buf), z_buf)
@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from clflax.strategies import base
-from clflax.strategies import replay
+from clflax.strategies import memory
 
 PyTree = Any
 
-LOGITS = 'logits'  # Key of the stored logits in buffer examples.
+LOGITS = memory.OUTPUTS  # Key of the stored logits in buffer examples.
 
 
 def with_logits(examples: Mapping[str, Any], logits: jax.Array,
@@ -29,7 +29,7 @@ def with_logits(examples: Mapping[str, Any], logits: jax.Array,
 
   `dtype` (e.g. jnp.bfloat16) stores the logits compactly; the losses compute
   in float32. Works for one example (to `init` a buffer) and for batches (to
-  `replay.add`), and under jit.
+  `memory.add`), and under jit.
   """
   if not isinstance(examples, Mapping):
     raise ValueError(f'examples must be a dict to hold a {LOGITS!r} entry, '
@@ -49,14 +49,14 @@ def split_logits(examples: Mapping[str, Any]):
 
 
 def init_buffer(capacity: int, example: Mapping[str, Any], logits: Any,
-                dtype: Optional[Any] = None) -> replay.ReplayBuffer:
+                dtype: Optional[Any] = None) -> memory.ReplayBuffer:
   """Empty reservoir buffer for examples like `example` plus their logits.
 
   `logits` is one example's logits or a jax.ShapeDtypeStruct like them.
   """
   if isinstance(logits, jax.ShapeDtypeStruct):
     logits = jnp.zeros(logits.shape, logits.dtype)
-  return replay.init(capacity, with_logits(example, logits, dtype))
+  return memory.init(capacity, with_logits(example, logits, dtype))
 
 
 def _weights(mask: Optional[jax.Array], shape) -> Optional[jax.Array]:
@@ -123,7 +123,7 @@ def loss(logits: jax.Array, buffer_logits: jax.Array,
     buffer_labels: [...] int labels stored with them; needed when beta != 0
       (DER++), ignored for beta = 0 (DER).
     alpha, beta: weights of the two terms (the paper's alpha and beta).
-    mask: optional [...] weights, e.g. `replay.size(buffer) > 0` broadcast,
+    mask: optional [...] weights, e.g. `memory.size(buffer) > 0` broadcast,
       so an empty buffer contributes nothing.
   """
   for name, v in (('alpha', alpha), ('beta', beta)):
@@ -153,7 +153,7 @@ def replay_terms(cfg, ctx, params, stored, head, key) -> jax.Array:
 
   def sample_outputs(sample_key):
     sample_key, drop_key = jax.random.split(sample_key)
-    batch, logits = split_logits(replay.sample(stored, sample_key, cfg.batch))
+    batch, logits = split_logits(memory.sample(stored, sample_key, cfg.batch))
     return batch, logits, ctx.apply(params, batch, head, drop_key)
 
   logit_key, label_key = jax.random.split(key)
@@ -169,11 +169,11 @@ def replay_terms(cfg, ctx, params, stored, head, key) -> jax.Array:
 def _loss_terms(cfg, ctx, params, key):
   """DER / DER++ on the SHARED memory (zero while empty), or the loss-weighted mean over earlier tasks of their
   memories' terms, each through its own head."""
-  if not replay.available(ctx):
+  if not memory.available(ctx):
     return {}
-  if replay.SHARED in ctx.memories:
-    stored = ctx.memories[replay.SHARED]
-    value = jnp.where(replay.size(stored) > 0, replay_terms(cfg, ctx, params, stored, ctx.task, key), 0.0)
+  if memory.SHARED in ctx.memories:
+    stored = ctx.memories[memory.SHARED]
+    value = jnp.where(memory.size(stored) > 0, replay_terms(cfg, ctx, params, stored, ctx.task, key), 0.0)
     return {'der': value}
   weights, total = ctx.config.train.loss_weights, 0.0
   for head, head_key in zip(ctx.earlier, jax.random.split(key, len(ctx.earlier))):

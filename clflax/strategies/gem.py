@@ -24,7 +24,7 @@ import ml_collections
 import optax
 
 from clflax.strategies import base
-from clflax.strategies import replay
+from clflax.strategies import memory
 
 PyTree = Any
 
@@ -239,8 +239,8 @@ def task_gradients(cfg, ctx, params, key):
   def grad_on(batch, head, drop_key):
     return jax.grad(lambda p: ctx.loss(head, ctx.apply(p, batch, head, drop_key), batch)[0])(params)
 
-  if replay.SHARED in ctx.memories:
-    blocks, filled = replay.task_blocks(ctx.memories[replay.SHARED], len(ctx.config.tasks))
+  if memory.SHARED in ctx.memories:
+    blocks, filled = memory.task_blocks(ctx.memories[memory.SHARED], len(ctx.config.tasks))
     rows = min(cfg.memory_per_task, jax.tree.leaves(blocks)[0].shape[1])  # GEM's share if others keep more.
     n = min(cfg.ref_batch_per_task, rows)
 
@@ -259,13 +259,13 @@ def task_gradients(cfg, ctx, params, key):
   for head, head_key in zip(ctx.earlier, jax.random.split(key, len(ctx.earlier))):
     sample_key, drop_key = jax.random.split(head_key)
     stored = ctx.memories[head]
-    grads.append(grad_on(replay.sample(stored, sample_key, cfg.ref_batch_per_task), head, drop_key))
-    valid.append(replay.size(stored) > 0)
+    grads.append(grad_on(memory.sample(stored, sample_key, cfg.ref_batch_per_task), head, drop_key))
+    valid.append(memory.size(stored) > 0)
   return jax.tree.map(lambda *g: jnp.stack(g), *grads), jnp.stack(valid)
 
 
 def _update_args(cfg, ctx, params, key):
-  if not replay.available(ctx):
+  if not memory.available(ctx):
     return {}
   task_grads, task_valid = task_gradients(cfg, ctx, params, key)
   return {'task_grads': task_grads, 'task_valid': task_valid}

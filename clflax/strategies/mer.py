@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from clflax.strategies import base
-from clflax.strategies import replay
+from clflax.strategies import memory
 
 PyTree = Any
 
@@ -73,12 +73,12 @@ def mer_step(params: PyTree, loss_fn: Callable[[PyTree, PyTree], jax.Array],
 
 
 def mer_batches(current: PyTree, memory: PyTree) -> PyTree:
-  """Batches [s, k, ...] for `mer_step`: the current data first, then replay.
+  """Batches [s, k, ...] for `mer_step`: the current data first, then memory.
 
   Args:
     current: leaves [c, ...], the incoming example(s), repeated in every batch.
     memory: leaves [s, k - c, ...], replayed examples drawn for each batch
-      (e.g. `replay.sample(buffer, key, s * (k - c))` reshaped).
+      (e.g. `memory.sample(buffer, key, s * (k - c))` reshaped).
   """
   if jax.tree.structure(current) != jax.tree.structure(memory):
     raise ValueError('current and memory must have the same structure: '
@@ -121,10 +121,10 @@ def _replace_update(cfg, ctx, params, key):
   its batches weigh nothing (their steps are no-ops). The SHARED memory of the classic protocols is filled at the
   end of each stage (not by reservoir over the stream, as in the paper)."""
   sample_key, drop_key = jax.random.split(key)
-  stored = ctx.memories[replay.SHARED]
+  stored = ctx.memories[memory.SHARED]
   s, k, n = cfg.batches, cfg.steps, ctx.batch['valid'].shape[0]
-  drawn = replay.sample(stored, sample_key, s * max(k - 1, 1) * n)
-  drawn = dict(drawn, valid=jnp.logical_and(drawn['valid'], replay.size(stored) > 0))
+  drawn = memory.sample(stored, sample_key, s * max(k - 1, 1) * n)
+  drawn = dict(drawn, valid=jnp.logical_and(drawn['valid'], memory.size(stored) > 0))
   drawn = jax.tree.map(lambda x: x.reshape((s, max(k - 1, 1), n) + x.shape[1:])[:, :k - 1], drawn)
   batches = mer_batches(jax.tree.map(lambda x: x[None], ctx.batch), drawn)
   loss_fn = lambda p, b: ctx.loss(ctx.task, ctx.apply(p, b, ctx.task, drop_key), b)[0]  # noqa: E731 (one mask)

@@ -97,7 +97,12 @@ def validate(strategy_cfg, config: Optional[ml_collections.ConfigDict] = None) -
     raise ValueError("strategy.names is empty: use ('naive',) for no strategy")
   if len(set(names)) != len(names):
     raise ValueError(f'strategy.names has duplicates: {tuple(names)}')
-  for strategy in resolve(names):
+  strategies = resolve(names)
+  for part in ('task_loss', 'replace_update'):
+    owners = [s.name for s in strategies if getattr(s, part) is not None]
+    if len(owners) > 1:
+      raise ValueError(f'strategies {" and ".join(owners)} both replace the {part.replace("_", " ")}: pick one')
+  for strategy in strategies:
     if strategy.phase not in base.PHASES:
       raise ValueError(f'strategy {strategy.name!r}: phase must be one of {base.PHASES}, got {strategy.phase!r}')
     if strategy.validate is not None:

@@ -12,9 +12,8 @@ import numpy as np
 
 from clflax import tasks
 from clflax.strategies import base
-from clflax.strategies import der
+from clflax.strategies import memory
 from clflax.strategies import registry
-from clflax.strategies import replay
 from clflax.trainer import parallel
 from clflax.trainer import steps
 from clflax.trainer.state import Context
@@ -38,13 +37,13 @@ def with_valid(examples: dict) -> dict:
   return dict(examples, valid=np.ones((n,), bool))
 
 
-def empty_memory(example_batch: dict, capacity: int, outputs=None) -> replay.ReplayBuffer:
+def empty_memory(example_batch: dict, capacity: int, outputs=None) -> memory.ReplayBuffer:
   """An empty fixed-capacity buffer shaped like one example of `example_batch`; `outputs` (the model's outputs on
-  the batch, arrays or shapes) adds the stored outputs (`der.LOGITS`) to each example."""
+  the batch, arrays or shapes) adds the stored outputs (`memory.OUTPUTS`) to each example."""
   one = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), with_valid(example_batch))
   if outputs is not None:
-    one[der.LOGITS] = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), outputs)
-  return replay.init(capacity, one)
+    one[memory.OUTPUTS] = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), outputs)
+  return memory.init(capacity, one)
 
 
 def _outputs_fn(model, task):
@@ -56,7 +55,7 @@ def initial_memories(config: ml_collections.ConfigDict, model, variables: dict, 
                      shared: bool) -> dict:
   """The empty memories of a run: none unless a strategy (or the balancing fine-tune) keeps one; `shared` (classic
   protocols: one head, one example shape) one buffer of `memory_size` rows per task in stage order
-  (`replay.SHARED`), else one per task."""
+  (`memory.SHARED`), else one per task."""
   size = memory_size(config)
   if not size:
     return {}
@@ -70,7 +69,7 @@ def initial_memories(config: ml_collections.ConfigDict, model, variables: dict, 
     return empty_memory(batch, capacity, outputs)
 
   if shared:
-    return {replay.SHARED: empty(config.tasks[0], size * len(config.tasks))}
+    return {memory.SHARED: empty(config.tasks[0], size * len(config.tasks))}
   return {t: empty(t, size) for t in config.tasks}
 
 
@@ -80,7 +79,7 @@ def joint_memories(data, task_names) -> dict:
   for task in task_names:
     examples = with_valid(data.memory_examples(task, None))
     buffer = empty_memory(examples, len(examples['valid']))
-    memories[task] = replay.append(buffer, jax.tree.map(jnp.asarray, examples))
+    memories[task] = memory.append(buffer, jax.tree.map(jnp.asarray, examples))
   return memories
 
 
@@ -92,7 +91,7 @@ def with_outputs(model, variables: dict, task: str, examples: dict, chunk: int =
   padded = jax.tree.map(lambda x: x[np.arange(-(-n // chunk) * chunk) % n], examples)
   parts = [fn(variables, jax.tree.map(lambda x: x[i:i + chunk], padded)) for i in range(0, n, chunk)]
   outputs = jax.tree.map(lambda *o: jnp.concatenate(o)[:n], *parts)
-  return dict(examples, **{der.LOGITS: outputs})
+  return dict(examples, **{memory.OUTPUTS: outputs})
 
 
 def end_of_stage(model, variables: dict, task: str, stage: int, examples: dict,
@@ -122,16 +121,16 @@ def consolidate(state: TrainState, context: Context, task: str, stage: int, exam
       state = strategy.end_stage(registry.section(config.strategy, strategy), state, end)
   wanted = registry.needs(config.strategy)
   memories = dict(context.memories)
-  if replay.SHARED in memories:  # One memory for all tasks: this task's examples join the earlier ones.
+  if memory.SHARED in memories:  # One memory for all tasks: this task's examples join the earlier ones.
     # Exactly memory_size rows (a short sample repeats), so that task k owns rows k*m..(k+1)*m (GEM's blocks).
     n = len(examples['valid'])
     kept = jax.tree.map(lambda x: x[np.arange(memory_size(config)) % n], examples)
     kept = with_outputs(model, variables, task, kept) if wanted.memory_outputs else kept
-    memories[replay.SHARED] = replay.append(memories[replay.SHARED], kept)
+    memories[memory.SHARED] = memory.append(memories[memory.SHARED], kept)
   elif task in memories and not config.train.joint:  # Joint: the memories already hold every example.
     capacity = jax.tree.leaves(memories[task].data)[0].shape[0]
     kept = jax.tree.map(lambda x: x[:capacity], examples)
     kept = with_outputs(model, variables, task, kept) if wanted.memory_outputs else kept
-    memories[task] = replay.append(memories[task], kept)
+    memories[task] = memory.append(memories[task], kept)
   teacher = parallel.copy_tree(variables) if wanted.teacher else context.teacher
   return state, Context(memories=memories, teacher=teacher)

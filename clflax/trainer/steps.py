@@ -15,8 +15,8 @@ import optax
 
 from clflax import tasks
 from clflax.strategies import base
+from clflax.strategies import memory
 from clflax.strategies import registry
-from clflax.strategies import replay
 from clflax.trainer.state import Context
 from clflax.trainer.state import TrainState
 
@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch: dict, context: Context, *, model, tx: o
         parts.update(terms)
         total += sum(terms.values())
     if config.train.joint and earlier:
-      parts['joint'] = len(earlier) * replay.memory_loss(now, params, base.key_for(step_key, 'joint'),
+      parts['joint'] = len(earlier) * memory.memory_loss(now, params, base.key_for(step_key, 'joint'),
                                                          config.train.batch_size)
       total += parts['joint']
     parts['total'] = total
@@ -111,7 +111,7 @@ def balance_step(state: TrainState, context: Context, *, model, tx: optax.Gradie
   rng, key = jax.random.split(state.rng)
   ctx = step_context(model, state, {}, context, all_tasks[-1], all_tasks, config)
   loss, grads = jax.value_and_grad(
-      lambda p: replay.memory_loss(ctx, p, key, config.train.batch_size, heads=all_tasks))(state.params)
+      lambda p: memory.memory_loss(ctx, p, key, config.train.batch_size, heads=all_tasks))(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state._replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                              opt_state=opt_state, rng=rng)
