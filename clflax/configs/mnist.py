@@ -25,6 +25,8 @@ PUBLISHED = {
     'agem': (0.1, {}),
     # ER with lr 0.1 on 10 current + 10 memory examples averaged together = loss_cur + loss_mem at lr 0.05.
     'replay': (0.05, {}),
+    # ER-ACE: ER's memory and rate, its incoming loss over the classes present in the batch (and unseen ones).
+    'erace': (0.05, {}),
     'joint': (0.03, {'classic.joint': True}),  # Not continual: VAN's rate on the union of the tasks.
     # GEM: lr 0.1 (the A-GEM paper's GEM / A-GEM rate); margin (memory_strength) 0.5 and 256 memories per task are the
     # GEM authors' MNIST settings (run_experiments.sh); 250 here, the A-GEM protocol's memory.
@@ -92,6 +94,7 @@ def permuted(arg='agem'):
       (config if section == 'classic' else config.strategy)[section][name] = value
   config.strategy.agem.memory_per_task, config.strategy.agem.ref_batch = 250, 256
   config.strategy.replay.memory_per_task, config.strategy.replay.batch = 250, 10
+  config.strategy.erace.memory_per_task, config.strategy.erace.batch = 250, 10  # As ER.
   config.strategy.gem.memory_per_task, config.strategy.gem.ref_batch_per_task = 250, 250  # GEM: the whole memory.
   config.strategy.mer.memory_per_task = 250
   config.strategy.der.memory_per_task, config.strategy.der.batch = 250, 10  # As ER: 10 memory examples per term.
@@ -108,6 +111,7 @@ def permuted(arg='agem'):
     train.loss_weights = ml_collections.ConfigDict({t: 1.0 for t in config.tasks})
     train.eval_batch_size = 250
     config.strategy.agem.memory_per_task = config.strategy.replay.memory_per_task = 50
+    config.strategy.erace.memory_per_task = 50
     config.strategy.agem.ref_batch = 50
     config.strategy.gem.memory_per_task = config.strategy.gem.ref_batch_per_task = 50
     config.strategy.der.memory_per_task = config.strategy.mer.memory_per_task = 50

@@ -20,6 +20,7 @@ import optax
 from clflax.strategies import agem
 from clflax.strategies import base
 from clflax.strategies import der
+from clflax.strategies import erace
 from clflax.strategies import ewc
 from clflax.strategies import gem
 from clflax.strategies import l2
@@ -33,9 +34,10 @@ from clflax.strategies import si
 from clflax.strategies import tagem
 
 NAIVE = base.Strategy(name='naive', config=ml_collections.ConfigDict)  # Plain fine-tuning: nothing to add.
-BUILT_IN = {s.name: s for s in (
+BUILT_IN = {s.name: s for s in (  # In chain order.
     NAIVE, si.STRATEGY, ewc.STRATEGY, mas.STRATEGY, l2.STRATEGY, agem.STRATEGY, tagem.STRATEGY, gem.STRATEGY,
-    replay.STRATEGY, der.STRATEGY, lwf.STRATEGY, mer.STRATEGY, packnet.STRATEGY, progressive.STRATEGY)}
+    replay.STRATEGY, erace.STRATEGY, der.STRATEGY, lwf.STRATEGY, mer.STRATEGY, packnet.STRATEGY,
+    progressive.STRATEGY)}
 KNOWN = tuple(BUILT_IN)
 # Kept for code written against the registry: the state look-ups live in base.
 find_state, replace_state = base.find_state, base.replace_state
