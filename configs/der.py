@@ -3,10 +3,10 @@ r"""DER++: replay of earlier tasks' memories matching the outputs stored at the 
 The memory keeps each task's examples with the model's outputs on them (all of a head's outputs: detection's
 heatmap, sizes and offsets too); beta=0 is plain DER.
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/der.py --workdir runs/der
+  python launch.py --config configs/der.py
 Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/der.py:smoke --workdir runs/der_smoke
+  python launch.py --config configs/der.py:smoke
 Plain DER: add --config.strategy.der.beta=0.
 """
 from clflax.configs import default

@@ -1,10 +1,10 @@
 r"""Online EWC: exact per-example Fisher diagonal after each stage, quadratic penalty to the anchors.
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/ewc.py --workdir runs/ewc
-Full mini sets, default recipe, 2-core CPU: ~13 min (seed-0 scores: README, Vision results).
+  python launch.py --config configs/ewc.py
+Full mini sets, default recipe, 2-core CPU: ~13 min (seed-0 scores: docs/results/vision.md).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/ewc.py:smoke --workdir runs/ewc_smoke
+  python launch.py --config configs/ewc.py:smoke
 """
 from clflax.configs import default
 

@@ -1,10 +1,10 @@
 r"""A composition: EWC's penalty plus A-GEM's projection, chained in one optax transform.
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/ewc_agem.py --workdir runs/ewc_agem
+  python launch.py --config configs/ewc_agem.py
 Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/ewc_agem.py:smoke --workdir runs/ewc_agem_smoke
+  python launch.py --config configs/ewc_agem.py:smoke
 """
 from clflax.configs import default
 

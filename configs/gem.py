@@ -2,10 +2,10 @@ r"""GEM: each earlier task's memory gradient constrains the update (no task's me
 
 One gradient per earlier task through its own head every step (costlier than A-GEM's single reference gradient).
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/gem.py --workdir runs/gem
+  python launch.py --config configs/gem.py
 Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/gem.py:smoke --workdir runs/gem_smoke
+  python launch.py --config configs/gem.py:smoke
 """
 from clflax.configs import default
 

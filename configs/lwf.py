@@ -1,10 +1,10 @@
 r"""Learning without Forgetting: distil the previous model's outputs of earlier heads on the current images.
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/lwf.py --workdir runs/lwf
+  python launch.py --config configs/lwf.py
 Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/lwf.py:smoke --workdir runs/lwf_smoke
+  python launch.py --config configs/lwf.py:smoke
 """
 from clflax.configs import default
 

@@ -31,7 +31,7 @@ A-GEM's step cost) and progressive ~15 min (only the trained column is updated, 
 forward: ~1,600 steps/s on the first column, ~90 on the 17th). Fewer tasks: --config.classic.num_tasks=6 (3 trained
 tasks).
 Command (needs the four MNIST idx files in <data_dir>/mnist; the bundled sample has a 2,000-image subset only):
-  python launch.py --config configs/permuted_mnist.py:agem --config.data_dir=../shared/data --workdir runs/pm_agem
+  python launch.py --config configs/permuted_mnist.py:agem --config.data_dir=../shared/data
 """
 from clflax.configs import mnist
 

@@ -7,7 +7,7 @@ them on permutations; expect a different table).
 
 Command (the four MNIST idx files in <data_dir>/mnist; runtimes about those of permuted_mnist.py plus the in-epoch
 rotation: minutes for vanilla on 2 CPU cores, A-GEM several times longer):
-  python launch.py --config configs/rotated_mnist.py:agem --config.data_dir=../shared/data --workdir runs/rm_agem
+  python launch.py --config configs/rotated_mnist.py:agem --config.data_dir=../shared/data
 """
 from clflax.configs import mnist
 

@@ -1,10 +1,10 @@
 r"""Synaptic Intelligence: path-integral importance accumulated during training, quadratic penalty.
 
 Command (bundled sample data, CPU; full mini sets: add --config.data_dir=../shared/data):
-  python launch.py --config configs/si.py --workdir runs/si
+  python launch.py --config configs/si.py
 Not yet run on the full mini sets (naive takes ~10 min there on a 2-core CPU).
 Smoke preset (tiny model, a few steps; about a minute on CPU):
-  python launch.py --config configs/si.py:smoke --workdir runs/si_smoke
+  python launch.py --config configs/si.py:smoke
 """
 from clflax.configs import default
 

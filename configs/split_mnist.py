@@ -7,7 +7,7 @@ SGD with the strategy's Permuted-MNIST learning rate. Same args as permuted_mnis
 ',smoke'), plus ',multi_head'.
 
 Command (the four MNIST idx files in <data_dir>/mnist; 5 tasks of ~10,000 steps each):
-  python launch.py --config configs/split_mnist.py:agem --config.data_dir=../shared/data --workdir runs/sm_agem
+  python launch.py --config configs/split_mnist.py:agem --config.data_dir=../shared/data
 """
 from clflax.configs import mnist
 

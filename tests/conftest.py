@@ -14,7 +14,7 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_REPO / ".jax_cache" / os.environ.
 
 from clflax.runtime import hugepages  # noqa: E402
 
-# Huge pages for XLA:CPU's per-step buffers, as launch.py gets them (clflax/hugepages.py). glibc reads the tunable at
+# Huge pages for XLA:CPU's per-step buffers, as launch.py gets them (clflax/runtime/hugepages.py). glibc reads the tunable at
 # process start, so it reaches the pytest-xdist workers (started after this file is read) and the tests'
 # subprocesses, not this process.
 _TUNED = hugepages.tuned_environ(os.environ, hugepages.thp_mode(), hugepages.glibc_version())

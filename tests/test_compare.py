@@ -1,4 +1,4 @@
-"""clflax.compare on synthetic workdirs whose statistics are worked out by hand below."""
+"""clflax.reporting.compare on synthetic workdirs whose statistics are worked out by hand below."""
 import json
 import math
 import os

@@ -1,6 +1,6 @@
 r"""Reproduces the A-GEM paper's Permuted-MNIST table: every strategy x seeds, printed beside the published numbers.
 
-  python -m clflax.agem_table --data_dir ../shared/data --seeds 0,1,2,3,4 --out runs/agem_table
+  python -m tools.agem_table --data_dir ../shared/data --seeds 0,1,2,3,4 --out runs/agem_table
 
 Each run is `configs/permuted_mnist.py:<strategy>` through the normal trainer, in its own workdir under --out (a rerun
 skips finished runs and resumes unfinished ones). A_T is the mean accuracy over the 17 tasks after the last one; F_T
@@ -34,7 +34,7 @@ def run_one(strategy: str, seed: int, data_dir: str, workdir: str, overrides: di
   """Runs (or resumes, or reads) one strategy/seed; returns its results.json dict."""
   path = os.path.join(workdir, 'results.json')
   if not os.path.exists(path):
-    from clflax import cli as run  # pylint: disable=g-import-not-at-top
+    from clflax import cli  # pylint: disable=g-import-not-at-top
     from configs import permuted_mnist  # pylint: disable=g-import-not-at-top
     config = permuted_mnist.get_config(strategy)
     config.seed, config.data_dir = seed, data_dir
@@ -45,7 +45,7 @@ def run_one(strategy: str, seed: int, data_dir: str, workdir: str, overrides: di
         node = node[part]
       node[name] = type(node[name])(value)
     start = time.time()
-    code = run.main(config, workdir)
+    code = cli.run(config, workdir)
     if code:
       raise SystemExit(f'{strategy} seed {seed} failed (exit {code}); see {workdir}')
     print(f'{strategy} seed {seed}: {time.time() - start:.0f} s', flush=True)

@@ -1,6 +1,6 @@
 r"""Makes the small real sample shipped in clflax/data/sample/ from the shared mini sets.
 
-  python -m clflax.data.make_sample --src /path/to/shared/data [--out clflax/data/sample]
+  python -m tools.make_sample --src /path/to/shared/data [--out clflax/data/sample]
 
 Same layouts as the sources (so the same builders read it). Selection is deterministic:
 VOC and COCO take, per split, greedily the image adding the most classes not yet covered (ties
@@ -128,7 +128,7 @@ def make_mnist(src: pathlib.Path, out: pathlib.Path) -> dict[str, list[str]]:
           for split, n in MNIST_COUNTS.items()}
 
 
-_README = """# Bundled real sample (made by `python -m clflax.data.make_sample --src {src}`)
+_README = """# Bundled real sample (made by `python -m tools.make_sample --src {src}`)
 
 The default data when `config.data_dir` is '': a small subset of the shared mini sets, in the
 SAME layouts, so the same TFDS builders read it. Point runs at the full sets with

@@ -373,5 +373,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  hugepages.ensure()  # Timings as launch.py trains: huge pages for XLA:CPU's buffers (clflax/hugepages.py).
+  hugepages.ensure()  # Timings as launch.py trains: huge pages for XLA:CPU's buffers (clflax/runtime/hugepages.py).
   sys.exit(main())

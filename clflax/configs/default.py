@@ -1,13 +1,9 @@
-r"""Default clflax run: VOC segmentation -> COCO detection -> Imagenette classification.
+r"""The default clflax config: VOC segmentation -> COCO detection -> Imagenette classification, every field commented.
 
 One ImageNet-pretrained EfficientNet-Lite0 backbone with three heads learns the three tasks in sequence with no
-continual-learning strategy ('naive' fine-tuning). Strategy configs (agem.py, ewc.py, ...) start from this one.
-
-Command (bundled sample data, CPU; add --config.data_dir=/path/to/data for the full mini sets):
-  python launch.py --config configs/default.py --workdir runs/default
-Full mini sets, 2-core CPU: ~10 min (seed-0 scores: README, Vision results).
-Smoke preset (tiny model, 64 px, a few steps; ~1-2 min on CPU):
-  python launch.py --config configs/default.py:smoke --workdir runs/smoke
+continual-learning strategy ('naive' fine-tuning). The repository's experiment files (configs/agem.py, ...) and
+your own start from it: `config = default.get_config(arg); config.strategy.names = ('agem',)`. `arg='smoke'`
+shrinks everything (tiny model, 64 px, a few steps; ~1 min on CPU) for checks and tests.
 """
 import ml_collections
 

@@ -1,7 +1,7 @@
 r"""Compare runs: mean ± std over seeds of each strategy's final scores, ACC, BWT, forgetting (and FWT).
 
-  python -m clflax.compare runs/*                      # workdirs, globs, a folder of workdirs or results.json files
-  python -m clflax.compare runs/ewc_* runs/agem_* --group-by strategy.ewc.strength --out comparison
+  python -m clflax.reporting.compare runs/*                      # workdirs, globs, a folder of workdirs or results.json files
+  python -m clflax.reporting.compare runs/ewc_* runs/agem_* --group-by strategy.ewc.strength --out comparison
 
 Runs are grouped by `strategy.names` (plus any `--group-by` config keys); every other config difference within a
 group (e.g. the seed) is averaged over. Runs with different task sequences are compared separately. Writes
@@ -324,7 +324,7 @@ def compare(patterns: Sequence[str], out: str = "comparison", group_by: Sequence
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m clflax.compare", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m clflax.reporting.compare", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("paths", nargs="+", help="workdirs, globs, folders of workdirs or results.json files")
   parser.add_argument("--group-by", default="", help="comma-separated config keys that also split groups, "

@@ -1,4 +1,4 @@
-"""Run reports: results.json (the DESIGN.md results contract), summary.md (seed-style tables) and PNG plots.
+"""Run reports: results.json (the contract of docs/design.md), summary.md (seed-style tables) and PNG plots.
 
 Task and metric names are data: tables come from `results["stages"]`, the matrices in `results["metrics"]` and a
 task -> headline metric mapping (`results["task_metrics"]`, else `DEFAULT_TASK_METRICS`, else 'acc'), so the

@@ -5,7 +5,7 @@ batch 8). glibc's malloc serves a block that large with a fresh mmap, so each st
 and then ran its memory-bound passes (batch norm + activation, the depthwise convolutions) through as many TLB
 entries. glibc >= 2.35 can ask the kernel for transparent huge pages on such mappings (the tunable
 `glibc.malloc.hugetlb=1`, for kernels whose THP mode is `madvise`): ~450 faults of 2 MiB per step instead, and the
-B0 steps ran 15-39% faster on a 2-core CPU, with bit-identical results (README, Benchmarks). With the mode `always`
+B0 steps ran 15-39% faster on a 2-core CPU, with bit-identical results (docs/performance.md). With the mode `always`
 the kernel does this by itself; with `never` nothing can.
 
 glibc reads its tunables once, when the process starts, so `ensure()` re-executes the running Python command
