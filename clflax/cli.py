@@ -230,8 +230,24 @@ def _main(argv):
   sys.exit(run(config, workdir, fresh=_FRESH.value, debug=_DEBUG.value, config_arg=config_arg))
 
 
+def config_folder(argv) -> str | None:
+  """The folder of the --config file in `argv` (its own modules, e.g. a strategy of yours, import from there)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      value = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    return os.path.dirname(os.path.abspath(value.partition(':')[0]))
+  return None
+
+
 def main():
   """The console entry (`clflax`, `python -m clflax`, launch.py)."""
   hugepages.ensure()  # Restarts this command once with huge pages for XLA:CPU's buffers (runtime/hugepages.py).
   quiet_environment()
+  folder = config_folder(sys.argv)
+  if folder and folder not in sys.path:
+    sys.path.insert(0, folder)
   app.run(_main, flags_parser=_parse_flags)

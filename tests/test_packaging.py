@@ -62,21 +62,24 @@ def test_the_console_entry_runs_a_repository_config_and_a_users_own(tmp_path):
   _installed()
   entry = shutil.which('clflax', path=os.path.dirname(sys.executable))
   assert entry, 'the console entry point `clflax` is not installed beside the interpreter'
+  # docs/design.md's worked example: a strategy in the user's own module beside their experiment file.
+  shutil.copy(_ROOT / 'tests' / 'user_strategy.py', tmp_path / 'my_strategies.py')
   (tmp_path / 'my_experiment.py').write_text(textwrap.dedent('''
       """A user's experiment file outside the clflax repository, building on clflax's defaults."""
       from clflax.configs import default
+      import my_strategies
 
 
       def get_config(arg=None):
         config = default.get_config('smoke')
-        config.strategy.names = ('ewc',)
-        config.strategy.ewc.strength = 10.0
+        config.strategy.names = ('ewc', 'my_strategies:L2_INIT')
+        config.strategy.l2init = my_strategies.L2_INIT.config()
         return config
   '''))
   for config in (f'{_ROOT / "configs" / "agem.py"}:smoke', 'my_experiment.py'):
     out = subprocess.run([entry, f'--config={config}', *_TINY], cwd=tmp_path, env=_outside_env(),
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
-  for workdir, strategy in (('agem_smoke', ['agem']), ('my_experiment', ['ewc'])):
+  for workdir, strategy in (('agem_smoke', ['agem']), ('my_experiment', ['ewc', 'my_strategies:L2_INIT'])):
     results = json.loads((tmp_path / 'runs' / workdir / 'results.json').read_text())
     assert results['stages'] == ['cls'] and results['config']['strategy.names'] == strategy

@@ -40,6 +40,12 @@ def flatten(config: ml_collections.ConfigDict | dict) -> dict:
   return flat
 
 
+def complete(saved: dict, current: dict) -> dict:
+  """A saved (flattened) config completed with the fields of `current` added since it was written, at the values
+  that reproduce the behaviour from before they existed (`ADDED_FIELDS`)."""
+  return {**{k: v for k, v in ADDED_FIELDS.items() if k not in saved and k in current}, **saved}
+
+
 def config_diff(saved: dict, current: dict) -> list[str]:
   """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only).
 
@@ -48,13 +54,13 @@ def config_diff(saved: dict, current: dict) -> list[str]:
   count: they change nothing the run does.
   """
   missing = object()
-  lines = []
+  saved, lines = complete(saved, current), []
   active = set(saved.get('strategy.names') or ()) | set(current.get('strategy.names') or ())
   for key in sorted(set(saved) | set(current)):
     parts = key.split('.')
     if len(parts) > 2 and parts[0] == 'strategy' and parts[1] not in active:
       continue
-    old, new = saved.get(key, ADDED_FIELDS.get(key, missing)), current.get(key, missing)
+    old, new = saved.get(key, missing), current.get(key, missing)
     if old != new:
       show = lambda v: '(absent)' if v is missing else repr(v)  # noqa: E731
       lines.append(f'{key}: {show(old)} -> {show(new)}')
