@@ -132,8 +132,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()
   eval_steps = {t: steps.jit_eval_step(model, t, config.model.max_detections) for t in config.tasks}
   stage_steps = tuple(config.train.epochs[t] * data.steps_per_epoch[t] for t in config.tasks)
   evaluations = 2 * len(config.tasks) + sum(config.train.epochs[t] for t in config.tasks)
+  shared = data.scan is not None and not any(s.stage_program for s in strategies)  # One epoch program per head.
+  programs = len({tasks.kind(t) for t in config.tasks}) if shared else len(config.tasks)
   progress_line = console.RunProgress(stage_steps=stage_steps, kinds=[tasks.kind(t) for t in config.tasks],
-                                      evaluations=evaluations)
+                                      evaluations=evaluations, programs=programs)
   run = Run(config, workdir, model, strategies, data, writer, mesh, eval_steps, counts,
             consolidation.examples_per_task(config), stage_steps, progress_line, hooks, {})
   return run, tree
@@ -150,7 +152,9 @@ class _Compiled:
       start = time.perf_counter()
       with self._run.progress_line.timed('compile'):
         self._compiled = self._jitted.lower(*args).compile()
-      logging.info('compiled %s in %.1f s', self._label, time.perf_counter() - start)
+      seconds = time.perf_counter() - start
+      self._run.progress_line.compiled(seconds)
+      logging.info('compiled %s in %.1f s', self._label, seconds)
     return self._compiled(*args)
 
 

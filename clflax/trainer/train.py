@@ -256,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   results = results_lib.assemble(config, progress, run.param_counts, evaluation.inference_times(
       run.config.tasks, run.eval_steps, run.data.eval_batches, _variables(tree.state), run.shard), run.data.description)
   results_lib.write_reports(workdir, results, after_results=lambda: setup.call_hooks(run, 'report'))
+  logging.info('time: %s', run.progress_line.breakdown())
   tracking.log_run_artifacts(workdir)
   run.close()
   return results
