@@ -23,6 +23,9 @@ class Data(NamedTuple):
   # Optional on-device epochs (classic benchmarks): (source pytree, batch_fn(source, task_id, epoch, step) -> batch,
   # task -> task_id). When set, each epoch runs as one compiled lax.scan instead of a Python loop over steps.
   scan: Any = None
+  # Optional on-device evaluation (classic benchmarks): (source pytree, batch_fn(source, task_id, batch_index) ->
+  # padded batch, batches per task, task -> task_id). When set, all tasks are evaluated in one compiled call.
+  device_eval: Any = None
   # task -> the dataset's own class identifiers in label order (Imagenette: WordNet ids), where the source has them.
   class_ids: Any = None
 

@@ -54,7 +54,9 @@ class Progress:
   balance_seconds: float = 0.0  # Its wall time.
 
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    """The fields as they are (no deep copy: `dataclasses.asdict` copied the loss curves' ~10^5 points on every
+    save, a quarter of a second late in a 17-task run); the save serialises them at once."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_json(cls, saved: dict) -> 'Progress':

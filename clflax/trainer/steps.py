@@ -154,5 +154,21 @@ def jit_scan_epoch(model, tx, task, earlier, config, batch_fn, num_steps):
   return jax.jit(epoch_fn, donate_argnums=(0,))
 
 
+def jit_device_evaluation(model, task, max_detections, batch_fn, num_batches):
+  """Every requested task's evaluation as one compiled call: `lax.map` over task ids, and within a task over its
+  `num_batches` padded batches from `batch_fn(source, task_id, batch_index)`. Returns per task the eval summaries
+  summed over its batches, so only for tasks whose summaries add up (counts). The model must not depend on the
+  static `task` (the classic MLP's heads come per example)."""
+  def task_sums(variables, source, task_id):
+    def one_batch(b):
+      return eval_step(variables, batch_fn(source, task_id, b), model=model, task=task, max_detections=max_detections)
+    return jax.tree.map(lambda x: jnp.sum(x, 0), jax.lax.map(one_batch, jnp.arange(num_batches)))
+
+  def evaluate(variables, source, task_ids):
+    return jax.lax.map(lambda t: task_sums(variables, source, t), task_ids)
+
+  return jax.jit(evaluate)
+
+
 def jit_eval_step(model, task, max_detections):
   return jax.jit(functools.partial(eval_step, model=model, task=task, max_detections=max_detections))

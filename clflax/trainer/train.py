@@ -73,8 +73,11 @@ def _record(run: setup.Run, progress: Progress, task: str, records: list, first_
 def _evaluate(run: setup.Run, state) -> dict:
   start = time.monotonic()
   with run.progress_line.timed('eval'):
-    scores = evaluation.evaluate_all(run.config.tasks, run.eval_steps, run.data.eval_batches,
-                                     eval_variables(run, state), run.shard, run.hooks)
+    if run.device_eval is not None:
+      scores = run.device_eval.evaluate(run.config.tasks, _variables(state))
+    else:
+      scores = evaluation.evaluate_all(run.config.tasks, run.eval_steps, run.data.eval_batches,
+                                       eval_variables(run, state), run.shard, run.hooks)
   run.progress_line.evaluated(time.monotonic() - start)
   return scores
 
@@ -122,8 +125,11 @@ def run_stage(k: int, run: setup.Run, tree: TrainTree, progress: Progress,
     tree = _train_epoch(run, k, tree, progress, epoch, f'{label} | epoch {epoch + 1}/{epochs}', checkpointer)
     start = time.monotonic()
     with run.progress_line.timed('eval'):
-      scores = evaluation.evaluate_task(task, run.eval_steps[task], run.data.eval_batches[task],
-                                        _variables(tree.state), run.shard, run.hooks)
+      if run.device_eval is not None:
+        scores = run.device_eval.evaluate((task,), _variables(tree.state))[task]
+      else:
+        scores = evaluation.evaluate_task(task, run.eval_steps[task], run.data.eval_batches[task],
+                                          _variables(tree.state), run.shard, run.hooks)
     run.progress_line.evaluated(time.monotonic() - start)
     score = scores[tasks.headline(task)]
     progress.epoch = epoch + 1
@@ -253,8 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info('after the balancing fine-tune: %s', console.scores_line(progress.rows[-1]))
     progress.balanced, progress.balance_seconds = True, time.time() - start
     checkpointer.save(tree, progress)  # Not a stage snapshot: stage_<T> keeps the model before the fine-tune.
-  results = results_lib.assemble(config, progress, run.param_counts, evaluation.inference_times(
-      run.config.tasks, run.eval_steps, run.data.eval_batches, _variables(tree.state), run.shard), run.data.description)
+  if run.device_eval is not None:
+    times = run.device_eval.inference_times(_variables(tree.state))
+  else:
+    times = evaluation.inference_times(run.config.tasks, run.eval_steps, run.data.eval_batches,
+                                       _variables(tree.state), run.shard)
+  results = results_lib.assemble(config, progress, run.param_counts, times, run.data.description)
   results_lib.write_reports(workdir, results, after_results=lambda: setup.call_hooks(run, 'report'))
   logging.info('time: %s', run.progress_line.breakdown())
   tracking.log_run_artifacts(workdir)
