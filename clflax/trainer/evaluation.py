@@ -2,7 +2,7 @@
 
 Scores are percentages (see clflax.tasks for each kind's metrics). With several devices each batch is split across
 them; the per-batch summaries come back to the host and are accumulated there. Where the data lives on the device
-(the classic benchmarks), `device_evaluator` evaluates all tasks in one compiled call instead.
+(the classic benchmarks), `device_evaluation` evaluates all tasks in one compiled call instead.
 """
 import time
 from typing import Callable, NamedTuple, Sequence
