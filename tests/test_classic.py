@@ -26,6 +26,10 @@ def test_agem_forgets_less_than_vanilla(shared_data, tmp_path):
     config.data_dir = str(shared_data)
     assert cli.run(config, str(tmp_path / name)) == 0
     scores[name] = _final_and_forgetting(tmp_path / name)
+    timing = json.loads((tmp_path / name / 'results.json').read_text())['timing']
+    # 3 tasks x one epoch of 500 examples in batches of 10; the training time excludes eval and compiles.
+    assert timing['train_steps'] == 3 * 500 // config.train.batch_size == 150
+    assert 0 < timing['train_seconds'] < timing['total_seconds']
   (van_acc, van_forgetting, van_matrix), (agem_acc, agem_forgetting, _) = scores['vanilla'], scores['agem']
   assert van_matrix.shape == (3, 3)
   assert van_matrix[0, 0] > 70  # Each task is learnable in one epoch of 500 examples.

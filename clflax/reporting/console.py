@@ -73,6 +73,10 @@ class RunProgress(periodic_actions.ReportProgress):
     self._label, self._losses, self._stage, self._stage_step = label, losses, stage, stage_step
     return self(sum(self._stage_steps[:stage]) + stage_step, t)
 
+  def timed_seconds(self) -> float:
+    """Seconds spent so far in the timed parts (eval, compile, checkpoint, ...), i.e. not training."""
+    return float(sum(self._time_per_part.values()))
+
   def breakdown(self) -> str:
     """'4m12s in all: eval 31.0%, compile 12.2%, ...': where the run's time went (the timed parts)."""
     total = time.monotonic() - self._t0

@@ -52,6 +52,8 @@ class Progress:
   balanced: bool = False  # The final balancing fine-tune is done.
   before_balance: Optional[dict] = None  # The last row before that fine-tune.
   balance_seconds: float = 0.0  # Its wall time.
+  train_seconds: float = 0.0  # Time in the stages' training steps (no compile, eval, checkpoint, consolidation).
+  train_steps: int = 0  # Training steps run in them (strategy epochs after training included).
 
   def to_json(self) -> dict:
     """The fields as they are (no deep copy: `dataclasses.asdict` copied the loss curves' ~10^5 points on every

@@ -82,12 +82,20 @@ def _evaluate(run: setup.Run, state) -> dict:
   return scores
 
 
+def _count_training(run: setup.Run, progress: Progress, start: float, timed_before: float, steps: int) -> None:
+  """Adds the training time since `start` (less the timed parts within it: compiles, in-stage checkpoints) and
+  `steps` to the run's totals, so results.json can report the training rate."""
+  progress.train_seconds += time.monotonic() - start - (run.progress_line.timed_seconds() - timed_before)
+  progress.train_steps += steps
+
+
 def _train_epoch(run: setup.Run, k: int, tree: TrainTree, progress: Progress, epoch: int, label: str,
                  checkpointer=None) -> TrainTree:
   """One epoch of stage k (from `progress.stage_step` on a resume); in-stage checkpoints when `checkpointer`."""
   config, task = run.config, run.config.tasks[k]
   steps_per_epoch, stage_fn = run.data.steps_per_epoch[task], setup.stage_program(run, k, task)
   state = tree.state
+  start, timed_before, steps_before = time.monotonic(), run.progress_line.timed_seconds(), progress.stage_step
   if run.data.scan is not None:  # The whole epoch in one compiled call.
     pool, _, ids = run.data.scan
     state, stacked = stage_fn(state, tree.context, pool, ids[task], epoch)
@@ -96,6 +104,7 @@ def _train_epoch(run: setup.Run, k: int, tree: TrainTree, progress: Progress, ep
     records = [{name: float(v[i]) for name, v in stacked.items()} for i in range(steps_per_epoch)]
     progress.stage_step = (epoch + 1) * steps_per_epoch
     _record(run, progress, task, records, epoch * steps_per_epoch + 1, label, k, int(state.step))
+    _count_training(run, progress, start, timed_before, progress.stage_step - steps_before)
     return tree._replace(state=state)
   history = []
   for step in range(max(progress.stage_step, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch):
@@ -109,8 +118,11 @@ def _train_epoch(run: setup.Run, k: int, tree: TrainTree, progress: Progress, ep
       history = []
       total = config.train.epochs[task] * steps_per_epoch
       if checkpointer and (step + 1) % config.train.checkpoint_every_steps < len(records) and step + 1 < total:
+        _count_training(run, progress, start, timed_before, progress.stage_step - steps_before)
+        start, timed_before, steps_before = time.monotonic(), run.progress_line.timed_seconds(), progress.stage_step
         with run.progress_line.timed('checkpoint'):
           checkpointer.save(tree._replace(state=state), progress)
+  _count_training(run, progress, start, timed_before, progress.stage_step - steps_before)
   return tree._replace(state=state)
 
 

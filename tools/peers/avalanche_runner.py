@@ -45,68 +45,12 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import machine  # noqa: E402  pylint: disable=wrong-import-position
 import protocols  # noqa: E402  pylint: disable=wrong-import-position
 
 # clflax's published learning rates (clflax/configs/mnist.py PUBLISHED), as rates on Avalanche's mean loss.
 LEARNING_RATES = {'naive': 0.03, 'ewc': 0.03, 'replay': 0.1, 'agem': 0.1}
 CLFLAX_NAMES = {'naive': 'vanilla', 'ewc': 'ewc', 'replay': 'replay', 'agem': 'agem'}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Machine state.
-
-def loadavg():
-  with open('/proc/loadavg') as f:
-    return [float(x) for x in f.read().split()[:3]]
-
-
-def cpu_jiffies():
-  """(busy, total) jiffies over all CPUs."""
-  with open('/proc/stat') as f:
-    parts = [int(x) for x in f.readline().split()[1:]]
-  idle = parts[3] + parts[4]
-  total = sum(parts[:8])
-  return total - idle, total
-
-
-class CpuMeter:
-  """Busy fraction of the whole machine, of this process and of the rest (1.0 = every core busy) since start()."""
-
-  def start(self):
-    self.t, (self.busy, self.total), self.own = time.perf_counter(), cpu_jiffies(), self._own()
-    return self
-
-  @staticmethod
-  def _own():
-    t = os.times()
-    return t.user + t.system
-
-  def read(self):
-    now, (busy, total), own = time.perf_counter(), cpu_jiffies(), self._own()
-    machine = (busy - self.busy) / max(total - self.total, 1)
-    mine = (own - self.own) / max(now - self.t, 1e-9) / (os.cpu_count() or 1)
-    return {'machine': round(machine, 3), 'own': round(mine, 3), 'other': round(max(machine - mine, 0.), 3)}
-
-
-def cpu_model():
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
-
-
-def wait_until_quiet(threshold, poll_s=30, max_wait_s=40 * 60):
-  t0 = time.time()
-  while True:
-    la = loadavg()
-    if la[0] <= threshold or time.time() - t0 >= max_wait_s:
-      return {'waited_s': round(time.time() - t0), 'gave_up': la[0] > threshold, 'loadavg_at_start': la}
-    print(f'[wait] 1-min load {la[0]:.2f} > {threshold}; sleeping {poll_s}s', flush=True)
-    time.sleep(poll_s)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,7 +258,7 @@ def main(argv=None):
       None if str(message).startswith('Call to deprecated function update') else show(message, *a, **k))
   import torch
   torch.set_num_threads(args.threads)
-  wait = wait_until_quiet(args.wait_quiet) if args.wait_quiet is not None else None
+  wait = machine.wait_until_quiet(args.wait_quiet) if args.wait_quiet is not None else None
   import avalanche
   import torchvision
   from avalanche.training.determinism.rng_manager import RNGManager
@@ -332,10 +276,10 @@ def main(argv=None):
   train_kwargs = {} if args.keep_last_batch else {'drop_last': True}
 
   acc_matrix, per_task = [], []
-  meter = CpuMeter().start()
+  meter = machine.CpuMeter().start()
   wall0 = time.perf_counter()
   for i, exp in enumerate(bm.train_stream):
-    task_meter = CpuMeter().start()
+    task_meter = machine.CpuMeter().start()
     t1 = time.perf_counter()
     strategy.train(exp, **train_kwargs)
     t2 = time.perf_counter()
@@ -345,8 +289,9 @@ def main(argv=None):
     acc_matrix.append(accs)
     steps = n_train // args.batch if not args.keep_last_batch else -(-n_train // args.batch)
     rec = {'task': train_ids[i], 'train_s': round(t2 - t1, 3), 'eval_s': round(t3 - t2, 3), 'steps': steps,
-           'steps_per_s': round(steps / (t2 - t1), 2), 'acc_this': accs[i], 'mean_acc_seen': float(np.mean(accs[:i + 1])),
-           'memory': memory_sizes(strategy), 'loadavg': loadavg(), 'cpu_busy': task_meter.read()}
+           'steps_per_s': round(steps / (t2 - t1), 2), 'acc_this': accs[i],
+           'mean_acc_seen': float(np.mean(accs[:i + 1])),
+           'memory': memory_sizes(strategy), 'loadavg': machine.loadavg(), 'cpu_busy': task_meter.read()}
     ewc = next((p for p in strategy.plugins if hasattr(p, 'fisher_samples')), None)
     if ewc is not None:
       rec['fisher_s'], rec['fisher_examples'] = round(ewc.seconds[-1], 3), ewc.examples[-1]
@@ -384,7 +329,8 @@ def main(argv=None):
       'n_train_per_task': n_train, 'n_test_per_task': n_test, 'train_tasks': train_ids, 'eval_tasks': eval_ids,
       'A_T': summary['A_T'], 'F_T': summary['F_T'], 'BWT': summary['BWT'],
       'final_accs': final[:len(train_ids)], 'final_accs_all_eval': final, 'acc_matrix': acc_matrix,
-      'wall_s': round(wall_s, 2), 'train_s': round(train_s, 2), 'eval_s': round(eval_s, 2), 'build_s': round(build_s, 2),
+      'wall_s': round(wall_s, 2), 'train_s': round(train_s, 2), 'eval_s': round(eval_s, 2),
+      'build_s': round(build_s, 2),
       'train_steps': steps, 'train_steps_per_s': round(steps / train_s, 2),
       'fisher_s': round(sum(r['fisher_s'] for r in per_task), 2) if args.strategy == 'ewc' else None,
       'per_task': per_task,
@@ -392,7 +338,8 @@ def main(argv=None):
       'versions': {'avalanche': avalanche.__version__, 'torch': torch.__version__,
                    'torchvision': torchvision.__version__, 'numpy': np.__version__,
                    'python': platform.python_version()},
-      'machine': {'cpu_model': cpu_model(), 'cpu_count': os.cpu_count(), 'torch_threads': torch.get_num_threads(),
+      'machine': {'cpu_model': machine.cpu_model(), 'cpu_count': os.cpu_count(),
+                  'torch_threads': torch.get_num_threads(),
                   'torch_interop_threads': torch.get_num_interop_threads(), 'platform': platform.platform()},
       'timing': 'train = strategy.train(exp) (includes end-of-task plugin work: EWC importances (also in fisher_s), '
                 'memory updates); '
