@@ -144,13 +144,14 @@ def run(config, workdir: str, *, fresh: bool = False, debug: bool = False, confi
     distributed.maybe_initialize(config)
     validation.sync_classic_tasks(config)
     import jax  # pylint: disable=g-import-not-at-top
-    validation.validate(config, num_devices=jax.device_count())
+    validation.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
     validation.check_pretrained(config)
     _setup_compilation(config)
-    workdir = workdirs.prepare(workdir, config, fresh=fresh)
+    first = jax.process_index() == 0  # Files and the workdir lock are process 0's (multi-process runs).
+    workdir = workdirs.prepare(workdir, config, fresh=fresh, write=first)
     absl_logging.info('%s', _run_line(config, workdir, config_arg))
     absl_logging.info('%s', hugepages.status())
-    with workdirs.lock(workdir):
+    with workdirs.lock(workdir, holder=first):
       from clflax.reporting import report  # pylint: disable=g-import-not-at-top
       from clflax.reporting import results as results_lib  # pylint: disable=g-import-not-at-top
       from clflax.trainer import train  # pylint: disable=g-import-not-at-top  (heavy; only for a valid config)

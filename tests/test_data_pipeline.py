@@ -72,13 +72,23 @@ def test_each_epoch_is_a_new_permutation_indexed_by_global_step():
   assert epochs[0] != list(range(12))
 
 
-def test_training_shards_are_disjoint_and_cover_the_data():
-  shards = []
-  for index in range(3):
-    ds = pipeline.make_train_dataset('cls', _cls_source(12), image_size=8, batch_size=2, seed=0,
-                                     process_index=index, process_count=3)
-    shards.append(_labels(ds[s] for s in range(2)))
-  assert sorted(sum(shards, [])) == list(range(12))
+def test_processes_split_each_global_batch_of_the_one_process_run():
+  # Global batch 6 over 3 processes (2 each), augmentation on: process i's batch of step s is rows 2i..2i+1 of the
+  # one-process run's batch s, image for image, so results do not depend on the number of processes.
+  rng = np.random.default_rng(0)  # Textured images, so that a different crop or flip would show.
+  source = [{'image': rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), 'label': i} for i in range(12)]
+  one = pipeline.make_train_dataset('cls', source, image_size=8, batch_size=6, seed=0, process_index=0,
+                                    process_count=1)
+  parts = [pipeline.make_train_dataset('cls', source, image_size=8, batch_size=6, seed=0, process_index=i,
+                                       process_count=3) for i in range(3)]
+  for step in range(3):
+    whole = one[step]
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), whole[key])
+  assert sorted(_labels(p[s] for p in parts for s in range(2))) == list(range(12))  # Epoch 1 covers the data.
+  with pytest.raises(ValueError, match='does not split over 4 processes'):
+    pipeline.make_train_dataset('cls', _cls_source(12), image_size=8, batch_size=6, seed=0, process_index=0,
+                                process_count=4)
 
 
 def test_eval_batches_padded_and_sharded_with_equal_batch_counts():
@@ -163,8 +173,11 @@ def test_box_transform_against_hand_computed_values():
 def test_iterate_matches_indexing():
   ds = pipeline.make_train_dataset('cls', _cls_source(10), image_size=8, batch_size=3, seed=0,
                                    process_index=0, process_count=1)
-  got = list(pipeline.iterate(ds, start_step=5, num_steps=3, num_threads=2))
-  assert [b['label'].tolist() for b in got] == [ds[s]['label'].tolist() for s in (5, 6, 7)]
+  for threads in (0, 2):  # Inline, and decoded ahead by background threads: the same batches in the same order.
+    got = list(pipeline.iterate(ds, start_step=5, num_steps=3, num_threads=threads))
+    assert [b['label'].tolist() for b in got] == [ds[s]['label'].tolist() for s in (5, 6, 7)]
+  epochs = [[1, 2], [3, 4], [5, 6]]  # Any indexable set of batches (in-memory arrays) is read inline.
+  assert list(pipeline.iterate(epochs, start_step=1, num_steps=2, num_threads=4)) == [[3, 4], [5, 6]]
 
 
 def test_sample_examples_distinct_deterministic_and_class_balanced():

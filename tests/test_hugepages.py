@@ -47,6 +47,26 @@ def test_no_restart_where_it_would_change_nothing(env, mode, glibc):
   assert hugepages.tuned_environ(env, mode, glibc) is None
 
 
+@pytest.mark.parametrize('env, plugins, cpu', [
+    ({}, [], True),                                  # nothing but the CPU
+    ({}, ['xla_cuda13'], False),                     # a CUDA plugin: JAX picks the GPU
+    ({'JAX_PLATFORMS': 'cpu'}, ['xla_cuda13'], True),  # ...unless told otherwise
+    ({'JAX_PLATFORMS': 'cuda,cpu'}, [], False),      # the first platform wins
+    ({'JAX_PLATFORMS': ' CPU '}, ['libtpu'], True),
+    ({'JAX_PLATFORMS': 'tpu'}, [], False),
+])
+def test_the_restart_is_only_for_cpu_runs(env, plugins, cpu):
+  assert hugepages.expects_cpu_backend(env, plugins) is cpu
+
+
+def test_accelerator_plugins_finds_a_jax_plugins_module_without_importing_it(tmp_path, monkeypatch):
+  plugin = tmp_path / 'jax_plugins' / 'xla_fake_accelerator'
+  plugin.mkdir(parents=True)
+  (plugin / '__init__.py').write_text('raise ImportError("must not be imported")\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert 'xla_fake_accelerator' in hugepages.accelerator_plugins()
+
+
 def test_tunable_value_reads_one_entry_of_the_colon_separated_list():
   env = {'GLIBC_TUNABLES': 'glibc.malloc.check=3:glibc.malloc.hugetlb=0:glibc.malloc.tcache_count=0'}
   assert hugepages.tunable_value(env) == '0'

@@ -172,6 +172,21 @@ class ConformanceTest(chex.TestCase):
       chex.assert_tree_all_finite((new.params, metrics))
       assert {'replay', 'der', 'lwf'} <= set(metrics), metrics  # Every loss term is in the one loss.
 
+  def test_every_strategy_steps_in_bfloat16_with_float32_state(self):
+    # Mixed precision: the whole composable chain in one step, and each strategy that combines with none.
+    chain = [n for n in ALL if n not in OWN_FIRST_STEP and n not in ('naive', 'tagem')]
+    for names in [chain] + [[n] for n in OWN_FIRST_STEP]:
+      config = _config(*names)
+      config.model.dtype = 'bfloat16'
+      model, tx, state, context, batch = _after_first_task(config)
+      assert model.dtype == jnp.bfloat16
+      new, metrics = jax.jit(lambda s, b, c: steps.train_step(s, b, c, model=model, tx=tx, task=TASKS[1],
+                                                              earlier=TASKS[:1], config=config))(state, batch, context)
+      chex.assert_tree_all_finite((new.params, metrics))
+      floats = [x for x in jax.tree.leaves((new.params, new.opt_state, metrics))
+                if jnp.issubdtype(x.dtype, jnp.floating)]
+      assert {x.dtype for x in floats} == {jnp.dtype(jnp.float32)}, (names, {x.dtype for x in floats})
+
   @parameterized.parameters(*ALL)
   def test_a_smoke_run_through_the_trainer(self, name):
     config = _config(name)

@@ -76,3 +76,20 @@ def test_settings_of_inactive_strategies_do_not_count(tmp_path):
   config.strategy.names = ('agem', 'tagem')  # Now it is on: a different run.
   with pytest.raises(ValueError, match='strategy.names'):
     workdirs.prepare(str(tmp_path), config)
+
+
+def test_runtime_fields_do_not_count_and_other_processes_write_nothing(tmp_path):
+  config = _config()
+  config.distributed = ml_collections.ConfigDict(dict(enabled=True, coordinator_address='host0:1234',
+                                                      num_processes=2, process_id=0))
+  config.data = ml_collections.ConfigDict(dict(read_threads=4, prefetch=8))
+  other = workdirs.prepare(str(tmp_path / 'new'), config, write=False)  # Process 1, before process 0 wrote.
+  assert other == str(tmp_path / 'new') and not (tmp_path / 'new').exists()
+  workdirs.prepare(str(tmp_path / 'new'), config)  # Process 0.
+  # Process 1 (another id), and a resume on a fresh coordinator port with other reader settings: the same run.
+  config.distributed.process_id, config.distributed.coordinator_address = 1, 'host0:999'
+  config.data.read_threads = 0
+  assert workdirs.prepare(str(tmp_path / 'new'), config, write=False) == str(tmp_path / 'new')
+  config.train.learning_rate = 0.5  # ...but not another computation.
+  with pytest.raises(ValueError, match='train.learning_rate'):
+    workdirs.prepare(str(tmp_path / 'new'), config, write=False)

@@ -29,6 +29,8 @@ def get_config(arg=None):
   config.data.skip_bad = False  # True: skip (and count) corrupt images/annotations instead of failing.
   config.data.max_boxes = 32  # Boxes per image kept for detection (padded with a valid flag).
   config.data.augment = True  # Random resized crop + horizontal flip during training.
+  config.data.read_threads = 4  # Background threads decoding training batches ahead of the step (0: inline).
+  config.data.prefetch = 8  # Training batches kept ready ahead of the step.
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = 'lite0'  # EfficientNet variant: b0..b7, lite0..lite4, or 'tiny' (tests).
@@ -48,6 +50,9 @@ def get_config(arg=None):
   # ImageNet statistics nor one task's images the statistics earlier tasks rely on (seg alone: 30.7 mIoU vs 8.7).
   config.model.frozen_bn = True
   config.model.max_detections = 100  # Boxes decoded per image for detection mAP.
+  # Computation dtype: 'float32', or 'bfloat16' (mixed precision, for GPU / TPU): convolutions and matmuls in it;
+  # parameters, optimizer state, batch-norm statistics, losses and every strategy's arithmetic stay float32.
+  config.model.dtype = 'float32'
   # The det head's image-level multi-label branch (which classes an image holds): the image-level mAP's scores.
   config.model.det_image_head = True
   config.model.hidden = (256, 256)  # Hidden widths of the MLP (backbone='mlp', classic benchmarks only).

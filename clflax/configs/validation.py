@@ -38,12 +38,17 @@ def _require(condition, message):
     raise ValueError(f'invalid config: {message}')
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
-  """Raises ValueError naming the first invalid field of `config`."""
+def validate(config: ml_collections.ConfigDict, num_devices: int = 1, num_processes: int = 1) -> None:
+  """Raises ValueError naming the first invalid field of `config` (`num_devices` in all, over `num_processes`)."""
   tasks = tuple(config.tasks)
   _require(len(tasks) > 0, 'config.tasks is empty')
   _require(len(set(tasks)) == len(tasks), f'config.tasks has duplicates: {tasks}')
   classic = config.model.backbone == 'mlp'
+  # Their data lives on one process's devices (whole epochs compiled on device): nothing to gain from more.
+  _require(not classic or num_processes == 1,
+           f'the classic MNIST protocols run in one process, not {num_processes}: drop config.distributed')
+  _require(config.train.batch_size % num_processes == 0,
+           f'config.train.batch_size={config.train.batch_size} is not divisible by the {num_processes} processes')
   for task in tasks:
     _require(classic or task in VISION_TASKS,
              f'unknown task {task!r} in config.tasks; known: {", ".join(VISION_TASKS)}')
@@ -65,6 +70,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
            f"config.model.cls_head_init={head_init!r}; expected 'auto', 'imagenet' or 'random'")
   _require(head_init != 'imagenet' or classic or config.model.pretrained,
            "config.model.cls_head_init='imagenet' needs the pretrained backbone (config.model.pretrained)")
+  for name in ('read_threads', 'prefetch'):
+    value = config.data.get(name, 0)
+    _require(isinstance(value, int) and value >= 0, f'config.data.{name}={value!r} must be an int >= 0')
+  _require(config.model.dtype in ('float32', 'bfloat16'),
+           f"config.model.dtype={config.model.dtype!r}; expected 'float32' or 'bfloat16'")
   _require(config.model.depthwise in ('auto', 'shifted', 'xla'),
            f"config.model.depthwise={config.model.depthwise!r}; expected 'auto', 'shifted' or 'xla'")
   train = config.train

@@ -18,6 +18,7 @@ same fields (numpy images instead of encoded bytes).
 """
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, Iterator, Sequence
 
@@ -120,38 +121,41 @@ def _log_det_stats(source, max_boxes: int) -> None:
                  stats['images_over_max'], max_boxes, stats['boxes_dropped'])
 
 
-def _shard(source: Sequence[Any], process_index, process_count) -> grain.MapDataset:
-  index, count = _process(process_index, process_count)
-  ds = grain.MapDataset.source(undecoded(source))[index::count]
-  if not len(ds):
-    raise ValueError(f'process {index} of {count} gets no examples from a source of {len(source)}')
-  return ds
-
-
 def make_train_dataset(task: str, source: Sequence[Any], *, image_size: int, batch_size: int,
                        seed: int, max_boxes: int = 32, augment: bool = True,
                        min_area: float | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> grain.MapDataset:
-  """Infinite MapDataset of this process's training batches: `ds[step]` is the batch of step."""
+  """Infinite MapDataset of this process's part of each global training batch of `batch_size` examples: `ds[step]`
+  is rows [i * b, (i + 1) * b) of global batch `step` (process i of n, b = batch_size // n). The global batches,
+  their order and their augmentation (seeded by the example's position in the global stream) are those of a
+  one-process run, so a run gives the same results on any number of processes."""
   _check(task, image_size=image_size, batch_size=batch_size, max_boxes=max_boxes)
   if not 0 <= seed < 2**32:
     raise ValueError(f'seed must be in [0, 2**32), got {seed}')
+  index, count = _process(process_index, process_count)
+  if batch_size % count:
+    raise ValueError(f'the global batch of {batch_size} does not split over {count} processes')
   if task == 'det':
     _log_det_stats(source, max_boxes)
   kwargs = dict(image_size=image_size, max_boxes=max_boxes,
                 min_area=MIN_AREA[task] if min_area is None else min_area)
-  ds = _shard(source, process_index, process_count).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(undecoded(source)).seed(seed).shuffle().repeat()
   if augment:
     ds = ds.random_map(functools.partial(_augmented, task, **kwargs))
   else:
     ds = ds.map(functools.partial(_example, task, crop_rng=None, **kwargs))
-  return ds.batch(batch_size, drop_remainder=True)
+  if count == 1:
+    return ds.batch(batch_size, drop_remainder=True)
+  # Element j of this process's stream is element (j // b) * batch_size + i * b + j % b of the global stream.
+  local, stream = batch_size // count, ds
+  positions = grain.MapDataset.range(len(stream) // batch_size * local)
+  return positions.map(lambda j: stream[(j // local) * batch_size + index * local + j % local]).batch(
+      local, drop_remainder=True)
 
 
-def steps_per_epoch(source: Sequence[Any], batch_size: int, process_index: int | None = None,
-                    process_count: int | None = None) -> int:
-  """Full batches in one pass over this process's shard."""
-  return len(_shard(source, process_index, process_count)) // batch_size
+def steps_per_epoch(source: Sequence[Any], batch_size: int) -> int:
+  """Full global batches of `batch_size` in one pass over the training examples."""
+  return len(source) // batch_size
 
 
 def _eval_row(task: str, source, rows: np.ndarray, num_real: int, i: int, **kwargs) -> dict:
@@ -184,11 +188,15 @@ def make_eval_batches(task: str, source: Sequence[Any], *, image_size: int, batc
   return grain.MapDataset.range(len(rows)).map(row_fn).batch(batch_size)
 
 
-def iterate(ds: grain.MapDataset, start_step: int = 0, num_steps: int | None = None, *,
+def iterate(ds, start_step: int = 0, num_steps: int | None = None, *,
             num_threads: int = 2, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
-  """Batches start_step, start_step + 1, ... loaded ahead by background threads."""
+  """Batches `ds[start_step]`, `ds[start_step + 1]`, ... in that order; a grain MapDataset's are decoded ahead by
+  `num_threads` background threads (up to `prefetch` batches), so the order, and a resume, are as with `ds[step]`.
+  Other indexable sets (in-memory arrays) are read inline, as is everything with num_threads=0."""
   stop = None if num_steps is None else start_step + num_steps
-  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  if not isinstance(ds, grain.MapDataset) or num_threads == 0:
+    return (ds[step] for step in (itertools.count(start_step) if stop is None else range(start_step, stop)))
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(prefetch, 1))
   return iter(ds[start_step:stop].to_iter_dataset(options))
 
 
@@ -225,29 +233,27 @@ def sample_examples(task: str, source: Sequence[Any], n: int, seed: int, image_s
 def trainer_data(config, *, process_index: int | None = None, process_count: int | None = None):
   """The `inputs.Data` of a config: per-process train sets, eval batches and memory examples."""
   index, count = _process(process_index, process_count)
-  for name, size in (('batch_size', config.train.batch_size),
-                     ('eval_batch_size', config.train.eval_batch_size)):
-    if size % count:
-      raise ValueError(f'train.{name}={size} is not divisible by {count} processes')
-  batch, eval_batch = config.train.batch_size // count, config.train.eval_batch_size // count
+  if config.train.batch_size % count:
+    raise ValueError(f'train.batch_size={config.train.batch_size} is not divisible by {count} processes')
+  batch = config.train.batch_size
   size, data = config.model.image_size, config.data
   common = dict(image_size=size, max_boxes=data.max_boxes)
-  shard = dict(process_index=index, process_count=count)
   train_sets, steps, eval_batches, srcs = {}, {}, {}, {}
   for task in config.tasks:
     srcs[task] = sources.load_task_source(task, config.data_dir, data, skip_bad=data.skip_bad)
     train = srcs[task]['train']
-    steps[task] = steps_per_epoch(train, batch, **shard)
+    steps[task] = steps_per_epoch(train, batch)
     if not steps[task]:
-      raise ValueError(f'{task}: {len(train)} training examples over {count} processes give no '
-                       f'full batch of {batch}')
+      raise ValueError(f'{task}: {len(train)} training examples give no full batch of {batch}')
     if config.train.steps_per_epoch:
       steps[task] = min(steps[task], config.train.steps_per_epoch)
     train_sets[task] = make_train_dataset(task, train, batch_size=batch, seed=config.seed,
-                                          augment=data.augment, **common, **shard)
+                                          augment=data.augment, process_index=index, process_count=count, **common)
+    # Every process reads every evaluation batch: the eval step splits it over all devices and returns its outputs
+    # replicated, so each process scores the whole split (and the host-side metrics need no gathering).
     eval_batches[task] = make_eval_batches(
-        task, srcs[task][sources.eval_split(task)], batch_size=eval_batch,
-        max_examples=config.eval.max_examples, **common, **shard)
+        task, srcs[task][sources.eval_split(task)], batch_size=config.train.eval_batch_size,
+        max_examples=config.eval.max_examples, process_index=0, process_count=1, **common)
 
   def memory_examples(task: str, count: int | None) -> dict[str, np.ndarray]:
     train = srcs[task]['train']

@@ -1,6 +1,8 @@
 """The convolutions of the models, each with a backward pass XLA:CPU runs well (same maths on GPU / TPU).
 
-`PointwiseConv` (1x1 as a matmul), `DepthwiseConv` (a shifted sum on CPU) and `Conv` (dense k x k) keep
+The CPU-tuned forms (custom backward passes, the shifted depthwise sum, im2col) are chosen only when the backend is
+CPU (`cpu_tuned()`); on GPU / TPU every layer is the plain XLA op and its autodiff, which cuDNN / the TPU compiler
+fuse and tile themselves. `PointwiseConv` (1x1 as a matmul), `DepthwiseConv` and `Conv` (dense k x k) keep
 nn.Conv's parameter names, shapes and initialisers, so checkpoints and imported weights are interchangeable; each
 takes an optional `out_scale` per output channel (a frozen batch norm folded in).
 """
@@ -21,6 +23,11 @@ def _scaled(w: jax.Array, out_scale) -> jax.Array:
   return w if out_scale is None else w * out_scale.astype(w.dtype)
 
 
+def cpu_tuned() -> bool:
+  """Whether the layers use their CPU-tuned forms: when the default backend (where jit places the step) is CPU."""
+  return jax.default_backend() == 'cpu'
+
+
 def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
   """TF 'SAME' padding of one axis: output ceil(size / stride), odd pad at the end."""
   out = -(-size // stride)
@@ -30,7 +37,7 @@ def same_pads(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 def resolve_depthwise(impl: str) -> str:
   if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'xla'
+    return 'shifted' if cpu_tuned() else 'xla'
   if impl not in ('xla', 'shifted'):
     raise ValueError(f"depthwise must be 'auto', 'xla' or 'shifted', got {impl!r}")
   return impl
@@ -172,7 +179,8 @@ pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 class PointwiseConv(nn.Module):
   """1x1 convolution as a matmul over the channel axis, with nn.Conv's parameters ('kernel' [1, 1, in, out],
   'bias') and initialisers, so weights and checkpoints are interchangeable with it. XLA:CPU runs the dot and its
-  gradients 1.5-8x faster than the same convolution (EfficientNet-B0 shapes, batch 8)."""
+  gradients 1.5-8x faster than the same convolution (EfficientNet-B0 shapes, batch 8). The custom kernel gradient
+  (`pointwise`) on CPU only; elsewhere the plain matmul."""
   features: int
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -181,7 +189,7 @@ class PointwiseConv(nn.Module):
   @nn.compact
   def __call__(self, x, out_scale=None):
     kernel = self.param('kernel', self.kernel_init, (1, 1, x.shape[-1], self.features))
-    y = pointwise(x, _scaled(kernel, out_scale)[0, 0])
+    y = (pointwise if cpu_tuned() else jnp.matmul)(x, _scaled(kernel, out_scale)[0, 0])
     if self.use_bias:
       y = y + _scaled(self.param('bias', self.bias_init, (self.features,)), out_scale)
     return y
@@ -253,7 +261,7 @@ class Conv(nn.Module):
   def __call__(self, x, out_scale=None):
     k = self.kernel_size
     kernel = _scaled(self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features)), out_scale)
-    y = (conv if jax.default_backend() == 'cpu' else _conv)(x, kernel, self.strides)
+    y = (conv if cpu_tuned() else _conv)(x, kernel, self.strides)
     if self.use_bias:
       y = y + _scaled(self.param('bias', self.bias_init, (self.features,)), out_scale)
     return y

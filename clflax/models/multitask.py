@@ -37,6 +37,9 @@ class MultiTaskNet(nn.Module):
   # One FPN neck for seg and det, or one each ('seg_neck', 'det_neck'): trained in sequence, a shared neck is
   # rewritten by the later task and the earlier head reads features it was never trained on.
   shared_neck: bool = True
+  # Computation dtype (flax's convention): the normalised input and, cast by the trainer's forward pass
+  # (trainer/steps.py), the parameters; bfloat16 runs every convolution and matmul in it.
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, task: str = 'cls', train: bool = False):
@@ -46,7 +49,7 @@ class MultiTaskNet(nn.Module):
       raise ValueError(f'MultiTaskNet expects [B, H, W, 3] images, got shape {images.shape}')
     feats = EfficientNet(self.backbone, depthwise=self.depthwise,
                          drop_connect_rate=self.drop_connect_rate, frozen_bn=self.frozen_bn,
-                         name='backbone')(normalize(images, self.backbone), train)
+                         name='backbone')(normalize(images, self.backbone).astype(self.dtype), train)
     every = self.is_initializing()
     out = {}
     if task == 'cls' or every:

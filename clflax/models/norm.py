@@ -30,10 +30,14 @@ def _activation_slope(t: jax.Array, act: str) -> jax.Array:
 
 
 def bias_act(h: jax.Array, b: jax.Array, act: str = 'linear') -> jax.Array:
-  """act(h + b) with a per-channel (last axis) `b`; a nonlinear act's backward keeps only h and b."""
+  """act(h + b) with a per-channel (last axis) `b`; on CPU a nonlinear act's backward keeps only h and b (elsewhere
+  plain autodiff: GPU / TPU compilers fuse the activation into its neighbours themselves)."""
   if act not in ACTIVATIONS:
     raise ValueError(f'act must be one of {tuple(ACTIVATIONS)}, got {act!r}')
-  return h + b if act == 'linear' else _bias_act(h, b, act)
+  b = b.astype(h.dtype)  # A float32 shift must not lift bfloat16 activations to float32.
+  if act == 'linear':
+    return h + b
+  return _bias_act(h, b, act) if jax.default_backend() == 'cpu' else ACTIVATIONS[act](h + b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -51,6 +51,7 @@ def assemble(config, progress, param_counts: dict, inference_ms: dict, data_desc
       'timing': {'stage_seconds': progress.stage_seconds, 'total_seconds': float(sum(progress.stage_seconds)),
                  'train_seconds': progress.train_seconds, 'train_steps': progress.train_steps,
                  'train_steps_per_s': progress.train_steps / max(progress.train_seconds, 1e-9),
+                 'data_wait_seconds': progress.data_wait_seconds,
                  'inference_ms_per_image': inference_ms},
       'curves': progress.curves,
       'epoch_scores': progress.epoch_scores,

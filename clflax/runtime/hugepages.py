@@ -12,18 +12,44 @@ glibc reads its tunables once, when the process starts, so `ensure()` re-execute
 with `GLIBC_TUNABLES` extended, before anything heavy is imported (`launch.py`, `python -m clflax.bench`).
 Programs that import clflax as a library set it themselves: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python ...`.
 `CLFLAX_HUGEPAGES=0` turns the restart off; an explicit `glibc.malloc.hugetlb` setting is always left as it is.
+The restart happens only where JAX will run on the CPU (`expects_cpu_backend`: `JAX_PLATFORMS` names cpu first, or
+it is unset and no accelerator plugin is installed); GPU / TPU steps keep their buffers in device memory.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
+import pkgutil
 import platform
 import sys
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 TUNABLE = 'glibc.malloc.hugetlb'
 OPT_OUT = 'CLFLAX_HUGEPAGES'  # '0': never restart the process for huge pages.
 THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
 MIN_GLIBC = (2, 35)  # The first glibc with the tunable; older ones ignore it.
+ACCELERATOR_MODULES = ('libtpu',)  # Backends JAX finds as modules rather than as `jax_plugins`.
+
+
+def accelerator_plugins() -> list[str]:
+  """The accelerator backends JAX would find (CUDA / ROCm plugins, libtpu), without importing JAX or them."""
+  names = [ep.name for ep in importlib.metadata.entry_points(group='jax_plugins')]
+  spec = importlib.util.find_spec('jax_plugins')
+  if spec is not None and spec.submodule_search_locations:
+    names += [m.name for m in pkgutil.iter_modules(list(spec.submodule_search_locations))]
+  names += [m for m in ACCELERATOR_MODULES if importlib.util.find_spec(m) is not None]
+  return sorted(set(names))
+
+
+def expects_cpu_backend(environ: Mapping[str, str], plugins: Sequence[str]) -> bool:
+  """Whether JAX will run on the CPU: `JAX_PLATFORMS` (comma-separated, first one wins) says so, or it is unset and
+  no accelerator plugin is installed. (A machine with a CUDA plugin but no GPU then runs on the CPU without the
+  restart: set JAX_PLATFORMS=cpu there.)"""
+  platforms = [p.strip().lower() for p in environ.get('JAX_PLATFORMS', '').split(',') if p.strip()]
+  if platforms:
+    return platforms[0] == 'cpu'
+  return not plugins
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> Optional[str]:
@@ -86,7 +112,7 @@ def ensure() -> None:
   with huge pages on, when that would change something; otherwise returns. Call it first thing in a script's
   `__main__` block, never from a library function: the process is replaced."""
   environ = tuned_environ(os.environ, thp_mode(), glibc_version())
-  if environ is None or sys.platform != 'linux':
+  if environ is None or sys.platform != 'linux' or not expects_cpu_backend(os.environ, accelerator_plugins()):
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -20,8 +20,9 @@ def _validate(cfg, names, config=None):
 
 
 def _model(cfg, config, model):
-  del cfg, model  # The columns replace the plain MLP.
-  return classic.ProgressiveClassicNet(tuple(config.tasks), tuple(config.model.hidden), classic.num_classes(config))
+  del cfg  # The columns replace the plain MLP (and keep its computation dtype).
+  return classic.ProgressiveClassicNet(tuple(config.tasks), tuple(config.model.hidden), classic.num_classes(config),
+                                       model.dtype)
 
 
 STRATEGY = base.Strategy(

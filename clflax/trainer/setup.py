@@ -53,7 +53,12 @@ class Run(NamedTuple):
   device_eval: Any = None
 
   def shard(self, local_batch):
+    """A training batch: this process's part of the global batch, split over its devices."""
     return parallel.shard_batch(self.mesh, local_batch)
+
+  def shard_eval(self, whole_batch):
+    """An evaluation batch, which every process holds whole: split over all devices of all processes."""
+    return parallel.shard_whole_batch(self.mesh, whole_batch)
 
   def close(self):
     self.writer.close()
@@ -77,7 +82,8 @@ def build_model(config: ml_collections.ConfigDict):
         backbone=config.model.backbone, num_cls_classes=inputs.NUM_CLS_CLASSES,
         neck_channels=config.model.neck_channels, depthwise=config.model.depthwise, dropout=config.model.dropout,
         max_detections=config.model.max_detections, frozen_bn=config.model.frozen_bn,
-        det_image_head=config.model.det_image_head, shared_neck=config.model.shared_neck)
+        det_image_head=config.model.det_image_head, shared_neck=config.model.shared_neck,
+        dtype=jnp.dtype(config.model.dtype))
   for s in registry.resolve(config.strategy.names):
     if s.model is not None:
       model = s.model(registry.section(config.strategy, s), config, model)
@@ -134,7 +140,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str, hooks: tuple = ()
   tree = parallel.replicate(mesh, TrainTree(state, Context(memories, teacher), parallel.copy_tree(variables)))
   writers = [metric_writers.SummaryWriter(workdir)] if jax.process_index() == 0 else []
   writer = tracking.make_writer(config, workdir, metric_writers.MultiWriter(writers))
-  eval_steps = {t: steps.jit_eval_step(model, t, config.model.max_detections) for t in config.tasks}
+  eval_steps = {t: steps.jit_eval_step(model, t, config.model.max_detections, parallel.replicated(mesh))
+                for t in config.tasks}
   stage_steps = tuple(config.train.epochs[t] * data.steps_per_epoch[t] for t in config.tasks)
   evaluations = 2 * len(config.tasks) + sum(config.train.epochs[t] for t in config.tasks)
   shared = data.scan is not None and not any(s.stage_program for s in strategies)  # One epoch program per head.

@@ -54,6 +54,7 @@ class Progress:
   balance_seconds: float = 0.0  # Its wall time.
   train_seconds: float = 0.0  # Time in the stages' training steps (no compile, eval, checkpoint, consolidation).
   train_steps: int = 0  # Training steps run in them (strategy epochs after training included).
+  data_wait_seconds: float = 0.0  # Of that time, spent waiting for the next training batch from the host.
 
   def to_json(self) -> dict:
     """The fields as they are (no deep copy: `dataclasses.asdict` copied the loss curves' ~10^5 points on every

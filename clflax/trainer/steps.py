@@ -21,15 +21,26 @@ from clflax.trainer.state import Context
 from clflax.trainer.state import TrainState
 
 
+def _cast_floats(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
 def forward(model, params, batch_stats, batch, task, rng, train):
-  """Head `task` on `batch`; multi-head classic models also read each example's head id (`batch['head']`)."""
-  variables = {'params': params, 'batch_stats': batch_stats}
+  """Head `task` on `batch`; multi-head classic models also read each example's head id (`batch['head']`).
+
+  Mixed precision: with a model `dtype` other than float32 the parameters are cast to it for this pass (their
+  gradients come back float32, through the cast), the batch-norm statistics stay float32 and the outputs are cast
+  to float32, so losses, metrics and every strategy's arithmetic are float32."""
+  dtype = jnp.dtype(getattr(model, 'dtype', jnp.float32))
+  mixed = dtype != jnp.float32
+  variables = {'params': _cast_floats(params, dtype) if mixed else params, 'batch_stats': batch_stats}
   extra = {'head': batch['head']} if 'head' in batch else {}
   if not train:
-    return model.apply(variables, batch['image'], task=task, train=False, **extra), batch_stats
+    outputs = model.apply(variables, batch['image'], task=task, train=False, **extra)
+    return (_cast_floats(outputs, jnp.float32) if mixed else outputs), batch_stats
   outputs, updates = model.apply(variables, batch['image'], task=task, train=True, mutable=['batch_stats'],
                                  rngs={'dropout': rng}, **extra)
-  return outputs, updates.get('batch_stats', batch_stats)
+  return (_cast_floats(outputs, jnp.float32) if mixed else outputs), updates.get('batch_stats', batch_stats)
 
 
 def step_context(model, state: TrainState, batch: dict, context: Context, task: str, earlier: tuple,
@@ -170,5 +181,7 @@ def jit_device_evaluation(model, task, max_detections, batch_fn, num_batches):
   return jax.jit(evaluate)
 
 
-def jit_eval_step(model, task, max_detections):
-  return jax.jit(functools.partial(eval_step, model=model, task=task, max_detections=max_detections))
+def jit_eval_step(model, task, max_detections, out_sharding=None):
+  """The eval step of one head; with `out_sharding` (replicated on the mesh) every process gets every output."""
+  step = functools.partial(eval_step, model=model, task=task, max_detections=max_detections)
+  return jax.jit(step) if out_sharding is None else jax.jit(step, out_shardings=out_sharding)

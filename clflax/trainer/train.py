@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from clflax import tasks
+from clflax.data import pipeline
 from clflax.reporting import console
 from clflax.reporting import results as results_lib
 from clflax.reporting import tracking
@@ -77,7 +78,7 @@ def _evaluate(run: setup.Run, state) -> dict:
       scores = run.device_eval.evaluate(run.config.tasks, _variables(state))
     else:
       scores = evaluation.evaluate_all(run.config.tasks, run.eval_steps, run.data.eval_batches,
-                                       eval_variables(run, state), run.shard, run.hooks)
+                                       eval_variables(run, state), run.shard_eval, run.hooks)
   run.progress_line.evaluated(time.monotonic() - start)
   return scores
 
@@ -107,8 +108,14 @@ def _train_epoch(run: setup.Run, k: int, tree: TrainTree, progress: Progress, ep
     _count_training(run, progress, start, timed_before, progress.stage_step - steps_before)
     return tree._replace(state=state)
   history = []
-  for step in range(max(progress.stage_step, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch):
-    state, metrics = stage_fn(state, run.shard(run.data.train_sets[task][step]), tree.context)
+  first, end = max(progress.stage_step, epoch * steps_per_epoch), (epoch + 1) * steps_per_epoch
+  batches = pipeline.iterate(run.data.train_sets[task], first, end - first,
+                             num_threads=config.data.get('read_threads', 0), prefetch=config.data.get('prefetch', 0))
+  for step in range(first, end):
+    waited = time.monotonic()
+    batch = next(batches)
+    progress.data_wait_seconds += time.monotonic() - waited
+    state, metrics = stage_fn(state, run.shard(batch), tree.context)
     setup.call_hooks(run, 'step')
     history.append(metrics)
     progress.stage_step = step + 1
@@ -141,7 +148,7 @@ def run_stage(k: int, run: setup.Run, tree: TrainTree, progress: Progress,
         scores = run.device_eval.evaluate((task,), _variables(tree.state))[task]
       else:
         scores = evaluation.evaluate_task(task, run.eval_steps[task], run.data.eval_batches[task],
-                                          _variables(tree.state), run.shard, run.hooks)
+                                          _variables(tree.state), run.shard_eval, run.hooks)
     run.progress_line.evaluated(time.monotonic() - start)
     score = scores[tasks.headline(task)]
     progress.epoch = epoch + 1
@@ -275,10 +282,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     times = run.device_eval.inference_times(_variables(tree.state))
   else:
     times = evaluation.inference_times(run.config.tasks, run.eval_steps, run.data.eval_batches,
-                                       _variables(tree.state), run.shard)
+                                       _variables(tree.state), run.shard_eval)
   results = results_lib.assemble(config, progress, run.param_counts, times, run.data.description)
   results_lib.write_reports(workdir, results, after_results=lambda: setup.call_hooks(run, 'report'))
-  logging.info('time: %s', run.progress_line.breakdown())
+  logging.info('time: %s; of the training, %s waiting for data (%.1f%%)', run.progress_line.breakdown(),
+               console.duration(progress.data_wait_seconds),
+               100 * progress.data_wait_seconds / max(progress.train_seconds, 1e-9))
   tracking.log_run_artifacts(workdir)
   run.close()
   return results

@@ -21,7 +21,12 @@ ADDED_FIELDS = {
     'model.cls_head_init': 'random',  # A fresh classification head.
     'model.shared_neck': True,  # One FPN neck for seg and det.
     'train.balance_memory_per_task': 64,  # (Was strategy.replay.memory_per_task, 64 by default.)
+    'model.dtype': 'float32',  # Everything computed in float32.
 }
+# Fields that change how fast or where a run executes, never what it computes: a resume may change them, and the
+# processes of one multi-process run differ in them (process ids, a fresh coordinator port).
+RUNTIME_FIELDS = ('data.read_threads', 'data.prefetch', 'distributed.enabled', 'distributed.coordinator_address',
+                  'distributed.num_processes', 'distributed.process_id')
 
 
 def flatten(config: ml_collections.ConfigDict | dict) -> dict:
@@ -50,15 +55,15 @@ def config_diff(saved: dict, current: dict) -> list[str]:
   """Lines 'key: saved -> current' for every key whose value differs (or exists on one side only).
 
   A key in ADDED_FIELDS that the saved config lacks counts as saved with its behaviour-preserving value; the
-  settings of a strategy active in neither config (`strategy.<name>.*`, e.g. a section added by newer code) do not
-  count: they change nothing the run does.
+  settings of a strategy active in neither config (`strategy.<name>.*`, e.g. a section added by newer code) and the
+  RUNTIME_FIELDS do not count: they change nothing the run computes.
   """
   missing = object()
   saved, lines = complete(saved, current), []
   active = set(saved.get('strategy.names') or ()) | set(current.get('strategy.names') or ())
   for key in sorted(set(saved) | set(current)):
     parts = key.split('.')
-    if len(parts) > 2 and parts[0] == 'strategy' and parts[1] not in active:
+    if (len(parts) > 2 and parts[0] == 'strategy' and parts[1] not in active) or key in RUNTIME_FIELDS:
       continue
     old, new = saved.get(key, missing), current.get(key, missing)
     if old != new:
@@ -67,10 +72,12 @@ def config_diff(saved: dict, current: dict) -> list[str]:
   return lines
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False) -> str:
+def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False, write: bool = True) -> str:
   """Returns the workdir to use, recording the config there; refuses a workdir that holds a different run.
 
   With `fresh=True` a conflicting workdir is left untouched and the run starts in the first free `run_<n>` subfolder.
+  `write=False` (every process but 0 of a multi-process run) decides the same way and writes nothing: a folder
+  holds either nothing yet or process 0's copy of this same config, and both lead to the same choice.
   """
   current = flatten(config)
   path = os.path.join(workdir, CONFIG_FILE)
@@ -90,9 +97,11 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False
       while True:  # The first run_<n> that holds this same config (resume it) or nothing yet (start it).
         candidate = os.path.join(workdir, f'run_{index}')
         try:
-          return prepare(candidate, config)
+          return prepare(candidate, config, write=write)
         except ValueError:
           index += 1
+    return workdir
+  if not write:
     return workdir
   os.makedirs(workdir, exist_ok=True)
   tmp = path + '.tmp'
@@ -103,12 +112,16 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False
 
 
 @contextlib.contextmanager
-def lock(workdir: str):
-  """Holds an exclusive lock on `workdir` for the block: a second process on the same run fails in one line.
+def lock(workdir: str, holder: bool = True):
+  """Holds an exclusive lock on `workdir` for the block: a second run of the same workdir fails in one line.
 
   An OS file lock (flock): the kernel drops it when its process dies, even by SIGKILL, so a crashed run never
-  leaves a stale lock behind.
+  leaves a stale lock behind. In a multi-process run only process 0 (`holder`) takes it; the others belong to the
+  same run.
   """
+  if not holder:
+    yield
+    return
   f = open(os.path.join(workdir, LOCK_FILE), 'a+')  # pylint: disable=consider-using-with
   try:
     try:
