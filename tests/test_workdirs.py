@@ -93,3 +93,22 @@ def test_runtime_fields_do_not_count_and_other_processes_write_nothing(tmp_path)
   config.train.learning_rate = 0.5  # ...but not another computation.
   with pytest.raises(ValueError, match='train.learning_rate'):
     workdirs.prepare(str(tmp_path / 'new'), config, write=False)
+
+
+def test_a_workdir_on_an_object_store_is_prepared_through_epath_and_warned_of_no_lock(tmp_path, monkeypatch,
+                                                                                     caplog):
+  # gs:// needs a bucket: the remote branches run on a local folder that files.is_local() calls remote.
+  from clflax.runtime import files  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(files, 'is_local', lambda path: False)
+  workdir = str(tmp_path / 'bucket' / 'run')
+  assert workdirs.prepare(workdir, _config()) == workdir
+  assert json.loads((tmp_path / 'bucket' / 'run' / workdirs.CONFIG_FILE).read_text())['strategy']['names'] == ['agem']
+  assert sorted(os.listdir(workdir)) == [workdirs.CONFIG_FILE]  # The temporary object was renamed into place.
+  with pytest.raises(ValueError, match='train.learning_rate'):
+    workdirs.prepare(workdir, _config(lr=0.5))
+  with caplog.at_level('WARNING'):
+    with workdirs.lock(workdir):
+      with workdirs.lock(workdir):  # No OS lock there: said once per holder, not refused.
+        pass
+  assert sum('no lock keeps a second run out' in r.getMessage() for r in caplog.records) == 2
+  assert not os.path.exists(os.path.join(workdir, workdirs.LOCK_FILE))

@@ -3,6 +3,7 @@
 Everything draws on `matplotlib.figure.Figure` (Agg canvas): no pyplot global state, no display needed. Long task
 names are wrapped onto several lines rather than rotated; figures grow with the number of tasks.
 """
+import io
 import math
 import os
 import textwrap
@@ -11,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from clflax.reporting import report
+from clflax.runtime import files
 
 Curves = Mapping[str, Tuple[Sequence[float], Sequence[float]]]
 
@@ -21,8 +23,10 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, bbox_inches="tight")  # Figure.savefig draws on the Agg canvas for .png
+  """The figure as the image file `path` on any filesystem the workdir may be on (format from the extension)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=os.path.splitext(path)[1][1:] or "png", bbox_inches="tight")  # Drawn by Agg.
+  files.write_bytes(path, buffer.getvalue())
   return path
 
 

@@ -9,10 +9,11 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from clflax.runtime import files
 
 DEFAULT_TASK_METRICS = {"seg": "miou", "det": "map", "cls": "top1"}
 DEFAULT_TASK_TITLES = {"seg": "VOC segmentation", "det": "COCO detection", "cls": "Imagenette classification"}
@@ -137,24 +138,6 @@ def _jsonable(x):
   return x
 
 
-def _write_atomically(path: str, text: str) -> str:
-  """Write to a temporary file beside `path`, then rename: readers never see a half-written file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
-
-
 def write_results(workdir: str, results: Mapping[str, Any]) -> str:
   """Validates `results` and writes workdir/results.json atomically; returns its path."""
   validate_results(results)
@@ -162,12 +145,12 @@ def write_results(workdir: str, results: Mapping[str, Any]) -> str:
     text = json.dumps(_jsonable(results), indent=2, allow_nan=False)
   except TypeError as e:
     raise ValueError(f"results hold a value JSON cannot store: {e}") from None
-  return _write_atomically(os.path.join(workdir, "results.json"), text + "\n")
+  return files.write_text_atomically(os.path.join(workdir, "results.json"), text + "\n")
 
 
 def write_summary(workdir: str, results: Mapping[str, Any]) -> str:
   """Writes workdir/summary.md (see `render_summary`) atomically; returns its path."""
-  return _write_atomically(os.path.join(workdir, "summary.md"), render_summary(results))
+  return files.write_text_atomically(os.path.join(workdir, "summary.md"), render_summary(results))
 
 
 # ------------------------------------------------------------------------------------------------ summary.md

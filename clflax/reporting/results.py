@@ -13,6 +13,7 @@ from clflax import metrics
 from clflax import tasks
 from clflax.reporting import plots as plotting
 from clflax.reporting import report
+from clflax.runtime import files
 from clflax.trainer import workdirs
 
 
@@ -70,7 +71,7 @@ def write_reports(workdir: str, results: dict, after_results: Optional[Callable[
   if jax.process_index() != 0:
     return
   curves_png, matrix_png, evolution_png = plot_paths(workdir)
-  os.makedirs(os.path.dirname(curves_png), exist_ok=True)
+  files.makedirs(os.path.dirname(curves_png))
   titles = results['stage_titles']
   plotting.plot_loss_curves(curves_png, {tasks.title(t): tuple(np.asarray(c).T)
                                          for t, c in results['curves'].items() if c})

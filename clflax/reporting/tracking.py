@@ -23,6 +23,8 @@ import numpy as np
 from clu.metric_writers import interface
 from clu.metric_writers import multi_writer
 
+from clflax.runtime import files
+
 MLFLOW_PIN = "mlflow-skinny==3.17.2"
 RUN_FILE = "mlflow_run.json"
 _MAX_KEY = 250  # MLflow's limit on metric and param names
@@ -200,9 +202,9 @@ def start_run(uri: str, experiment: str, workdir: str, params: Mapping[str, Any]
   if run_id is None:
     name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
     run_id = c.create_run(experiment_id, run_name=name, tags={"workdir": os.path.abspath(workdir)}).info.run_id
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, RUN_FILE), "w", encoding="utf-8") as f:
-    json.dump({"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id}, f, indent=2)
+  files.write_text_atomically(os.path.join(workdir, RUN_FILE),
+                              json.dumps({"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id},
+                                         indent=2))
   writer = MlflowWriter(c, run_id)
   writer.write_hparams(params)
   return writer
@@ -211,11 +213,10 @@ def start_run(uri: str, experiment: str, workdir: str, params: Mapping[str, Any]
 def read_run_record(workdir: str) -> Optional[dict]:
   """{'tracking_uri', 'experiment_id', 'run_id'} from workdir/mlflow_run.json, or None when there is none."""
   path = os.path.join(workdir, RUN_FILE)
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      record = json.load(f)
+    record = json.loads(files.read_text(path))
   except (OSError, ValueError) as e:
     raise ValueError(f"{path} is not a readable MLflow run record ({e}); delete it to start a new run") from None
   if not isinstance(record, dict) or not all(k in record for k in ("tracking_uri", "experiment_id", "run_id")):

@@ -14,10 +14,13 @@ import contextlib
 import os
 from typing import Any, Callable, Optional, Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from clflax.runtime import files
 
 from clflax.trainer.state import Progress
 from clflax.trainer.state import TrainTree
@@ -31,7 +34,8 @@ _ITEM_WRITTEN_EVENT = '/jax/orbax/write/background_item_finalize_secs'
 def _manager(directory: str, *, step_prefix: str | None, max_to_keep: int | None) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, step_prefix=step_prefix, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), item_names=('state', 'meta'), options=options)
+  where = os.path.abspath(directory) if files.is_local(directory) else epath.Path(directory)  # gs://, s3://...
+  return ocp.CheckpointManager(where, item_names=('state', 'meta'), options=options)
 
 
 def stage_manager(workdir: str) -> ocp.CheckpointManager:

@@ -4,7 +4,10 @@ import fcntl
 import json
 import os
 
+from absl import logging
 import ml_collections
+
+from clflax.runtime import files
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -81,10 +84,9 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False
   """
   current = flatten(config)
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
+  if files.exists(path):
     try:
-      with open(path) as f:
-        saved = flatten(json.load(f))
+      saved = flatten(json.loads(files.read_text(path)))
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f'{path} is unreadable ({e}); use another --workdir') from e
     differences = config_diff(saved, current)
@@ -103,11 +105,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, fresh: bool = False
     return workdir
   if not write:
     return workdir
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  files.write_text_atomically(path, json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
   return workdir
 
 
@@ -117,9 +115,14 @@ def lock(workdir: str, holder: bool = True):
 
   An OS file lock (flock): the kernel drops it when its process dies, even by SIGKILL, so a crashed run never
   leaves a stale lock behind. In a multi-process run only process 0 (`holder`) takes it; the others belong to the
-  same run.
+  same run. A workdir on an object store (gs://...) gets no lock, and a warning says so.
   """
   if not holder:
+    yield
+    return
+  if not files.is_local(workdir):  # Object stores (gs://, s3://) have no lock a crashed run would release.
+    logging.warning('workdir %s is not on a local filesystem: no lock keeps a second run out of it; start one run '
+                    'per workdir', workdir)
     yield
     return
   f = open(os.path.join(workdir, LOCK_FILE), 'a+')  # pylint: disable=consider-using-with
