@@ -20,6 +20,7 @@ import numpy as np
 
 from clflax import metrics
 from clflax.reporting import report
+from clflax.runtime import files
 
 SUMMARY = (("acc", "ACC", True), ("bwt", "BWT", True), ("forgetting", "Forgetting", False), ("fwt", "FWT", True))
 _RUN_MARKERS = ("results.json", "config.json", "checkpoints")
@@ -316,8 +317,8 @@ def compare(patterns: Sequence[str], out: str = "comparison", group_by: Sequence
           "left_out": len(pending) + len(found) - len(runs)}
   if runs:
     os.makedirs(out, exist_ok=True)
-    report._write_atomically(os.path.join(out, "compare.md"), text)
-    report._write_atomically(os.path.join(out, "compare.json"),
+    files.write_text_atomically(os.path.join(out, "compare.md"), text)
+    files.write_text_atomically(os.path.join(out, "compare.json"),
                              json.dumps(report._jsonable(data), indent=2, allow_nan=False) + "\n")
     data["plots"] = write_plots(benchmarks, out) if plot else []
   return text, data
