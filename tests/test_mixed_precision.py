@@ -35,12 +35,16 @@ def _dtypes_of(jaxpr, primitives) -> set:
   return found
 
 
-def test_bfloat16_forward_computes_in_bfloat16_and_returns_float32():
-  config = _config('bfloat16')
-  model = setup.build_model(config)
+def _model_and_batch(dtype):
+  """The smoke config's model in `dtype`, its (float32) variables and a 2-image batch."""
+  model = setup.build_model(_config(dtype))
   variables = jax.jit(model.init, static_argnames=('task', 'train'))(
       jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), task='cls', train=False)
-  batch = {'image': jnp.full((2, 32, 32, 3), 128, jnp.uint8)}
+  return model, variables, {'image': jnp.full((2, 32, 32, 3), 128, jnp.uint8)}
+
+
+def test_bfloat16_forward_computes_in_bfloat16_and_returns_float32():
+  model, variables, batch = _model_and_batch('bfloat16')
 
   def forward(params, task):
     return steps.forward(model, params, variables['batch_stats'], batch, task, jax.random.PRNGKey(1), train=True)
@@ -64,11 +68,7 @@ def test_bfloat16_forward_computes_in_bfloat16_and_returns_float32():
 
 
 def test_float32_forward_has_no_bfloat16():
-  config = _config('float32')
-  model = setup.build_model(config)
-  variables = jax.jit(model.init, static_argnames=('task', 'train'))(
-      jax.random.PRNGKey(0), jnp.zeros((2, 32, 32, 3)), task='cls', train=False)
-  batch = {'image': jnp.full((2, 32, 32, 3), 128, jnp.uint8)}
+  model, variables, batch = _model_and_batch('float32')
   jaxpr = jax.make_jaxpr(lambda p: steps.forward(model, p, variables['batch_stats'], batch, 'seg', None,
                                                  train=False))(variables['params']).jaxpr
   assert _dtypes_of(jaxpr, ('conv_general_dilated', 'dot_general')) == {'float32'}

@@ -46,7 +46,7 @@ def build_model(config) -> nn.Module:
   c = config.classic
   num_heads = c.num_tasks if c.multi_head else 1
   return ClassicNet(tuple(config.model.hidden), num_classes(config), num_heads, config.model.init,
-                    jnp.dtype(config.model.get('dtype', 'float32')))
+                    jnp.dtype(config.model.dtype))
 
 
 def num_classes(config) -> int:

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clflax.models import convs
+
 # The activations a conv + batch norm may end in (EfficientNet: silu; Lite: relu6; the projection: none).
 ACTIVATIONS = {'linear': lambda t: t, 'silu': jax.nn.silu, 'relu6': jax.nn.relu6}
 
@@ -37,7 +39,7 @@ def bias_act(h: jax.Array, b: jax.Array, act: str = 'linear') -> jax.Array:
   b = b.astype(h.dtype)  # A float32 shift must not lift bfloat16 activations to float32.
   if act == 'linear':
     return h + b
-  return _bias_act(h, b, act) if jax.default_backend() == 'cpu' else ACTIVATIONS[act](h + b)
+  return _bias_act(h, b, act) if convs.cpu_tuned() else ACTIVATIONS[act](h + b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
